@@ -1,0 +1,182 @@
+"""The `ovpipe` command line. Every stage has the same shape:
+
+    ovpipe <stage> --input IN --output OUT [--config run.toml] [--set key=value ...] [--overwrite]
+
+and is also `python -m ray_jobs.<stage>` with the same arguments (a `ray job submit`
+entrypoint). Stage-specific flags are shortcuts for config keys (STAGES below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ovpipe.config import ConfigError, describe_defaults, load_config, to_toml
+from ovpipe.progress import format_table
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    help: str
+    factory: Callable[[], object]
+    shortcuts: dict[str, tuple[str, type]] = field(default_factory=dict)  # flag -> (config key, type)
+
+
+def _ingest():
+    from curation.ingest import IngestStage
+
+    return IngestStage()
+
+
+COMMON_SHORTCUTS = {"--workers": ("run.workers", int), "--seed": ("run.seed", int)}
+
+STAGES: dict[str, StageCommand] = {
+    "ingest": StageCommand(
+        "raw image(-text) Parquet shards -> one row per sample (sample_id, sizes, provenance)",
+        _ingest,
+        {"--source": ("ingest.source", str), "--max-pixels": ("ingest.max_pixels", int)},
+    ),
+}
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, command: StageCommand) -> None:
+    parser.add_argument("--input", required=True, help="input folder, file or URI (s3://, gs://)")
+    parser.add_argument("--output", required=True, help="output folder or URI")
+    _add_config_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing output of this stage and start again")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    for flag, (key, typ) in {**COMMON_SHORTCUTS, **command.shortcuts}.items():
+        parser.add_argument(flag, type=typ, default=None, help=f"shortcut for --set {key}=…")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="run config (TOML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set run.seed=3 (repeatable)")
+
+
+def _overrides(args: argparse.Namespace, command: StageCommand) -> list[str]:
+    out = list(args.overrides)
+    for flag, (key, _typ) in {**COMMON_SHORTCUTS, **command.shortcuts}.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            out.append(f"{key}={json.dumps(value, ensure_ascii=False)}")
+    return out
+
+
+def run_stage_command(name: str, args: argparse.Namespace) -> int:
+    from ovpipe.stage import run_stage
+
+    command = STAGES[name]
+    cfg = load_config(args.config, _overrides(args, command))
+    summary = run_stage(command.factory(), args.input, args.output, cfg,
+                        overwrite=args.overwrite, quiet=args.quiet)
+    print(summary_table([summary.to_json()]))
+    print(f"output: {summary.output}")
+    return 0
+
+
+def summary_table(summaries: list[dict]) -> str:
+    rows = []
+    for s in summaries:
+        reasons = ", ".join(f"{r}={c}" for r, c in s["dropped_by_reason"].items()) or "-"
+        rows.append([s["stage"], s["input_rows"], s["kept_rows"], s["dropped_rows"], reasons,
+                     f"{s['seconds']:.1f}s", f"{s['shards_skipped']}/{s['shards']}"])
+    return format_table(["stage", "in", "kept", "dropped", "dropped by reason", "time", "resumed"], rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovpipe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="show the resolved config")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config as TOML")
+    _add_config_arguments(show)
+    show.add_argument("--describe", action="store_true", help="every key with its default and meaning")
+
+    for name, command in STAGES.items():
+        add_stage_arguments(sub.add_parser(name, help=command.help), command)
+
+    ledger = sub.add_parser("ledger", help="counts of dropped samples by stage and reason")
+    ledger.add_argument("dir", help="a stage output or a demo folder")
+
+    demo_data = sub.add_parser("make-demo-data", help="write synthetic demo input shards")
+    demo_data.add_argument("out")
+    demo_data.add_argument("--n", type=int, default=240, help="good rows in total")
+    demo_data.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="make demo data and run every stage on it")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--n", type=int, default=240)
+    _add_config_arguments(demo)
+    demo.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _guarded(prog: str, fn: Callable[[], int]) -> int:
+    """Expected failures print one clear message instead of a traceback."""
+    try:
+        return fn()
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # OutputConflict, AccountingError, failed shards
+        print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _guarded("ovpipe", lambda: _dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        if args.describe:
+            print(describe_defaults())
+        else:
+            print(to_toml(load_config(args.config, args.overrides)), end="")
+        return 0
+    if args.command in STAGES:
+        return run_stage_command(args.command, args)
+    if args.command == "ledger":
+        from ovpipe.ledger import ledger_counts
+        from ovpipe.shards import Location
+
+        counts = ledger_counts(Location.parse(args.dir))
+        print(format_table(["stage", "reason", "count"], [list(r) for r in counts.iter_rows()]))
+        print(f"total dropped: {int(counts['count'].sum()):,}")
+        return 0
+    if args.command == "make-demo-data":
+        from ovpipe.demo_data import make_demo_data
+
+        counts = make_demo_data(args.out, args.n, args.seed)
+        print(json.dumps({"out": args.out, "rows_by_source": counts}))
+        return 0
+    if args.command == "demo":
+        from ovpipe.demo import run_demo
+
+        start = time.monotonic()
+        summaries = run_demo(args.out, args.n, load_config(args.config, args.overrides), args.overwrite)
+        print(summary_table([s.to_json() for s in summaries]))
+        print(f"demo finished in {time.monotonic() - start:.1f}s; outputs under {args.out}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def stage_main(name: str, argv: list[str] | None = None) -> int:
+    """Entry point of `python -m ray_jobs.<stage>`: the same arguments as `ovpipe <stage>`."""
+    parser = argparse.ArgumentParser(prog=f"python -m ray_jobs.{name}", description=STAGES[name].help)
+    add_stage_arguments(parser, STAGES[name])
+    args = parser.parse_args(argv)
+    return _guarded(name, lambda: run_stage_command(name, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

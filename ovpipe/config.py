@@ -1,0 +1,193 @@
+"""Run configuration: one TOML file per run, typed and validated loudly.
+
+Every section is a pydantic model that forbids unknown keys, so a typo such as
+``ingest.max_pixel = 5`` fails with a message naming the key and listing what is
+allowed, instead of being silently ignored. ``ovpipe config show`` prints the
+resolved config (defaults + file + ``--set`` overrides) as TOML.
+
+Each stage hashes only the sections that change its output (``Stage.config_sections``),
+so changing the packer's settings does not invalidate finished ingest shards.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import xxhash
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    """Settings that apply to every stage."""
+
+    seed: int = Field(0, ge=0, description="Seed for every hash-based random choice.")
+    workers: int = Field(
+        0, ge=0, description="Input shards processed at once; 0 = one per CPU of the Ray cluster."
+    )
+    progress_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between progress lines on stderr."
+    )
+
+
+class RaySection(Section):
+    """How to reach Ray. RAY_ADDRESS in the environment wins over `address`."""
+
+    address: str = Field("", description="Ray address; empty = start a local Ray on this node.")
+    num_cpus: int = Field(0, ge=0, description="CPUs for a local Ray; 0 = all of this machine's.")
+
+
+class IngestSection(Section):
+    """Reading raw image(-text) shards into the ingest schema (docs/data-contracts.md)."""
+
+    image_columns: list[str] = Field(
+        ["image", "jpg", "png", "webp", "img"],
+        min_length=1,
+        description="Candidate names of the image-bytes column; the first present wins.",
+    )
+    text_columns: list[str] = Field(
+        ["text", "caption", "txt"], description="Candidate names of the original-text column."
+    )
+    key_columns: list[str] = Field(
+        ["key", "id"], description="Candidate names of the input's own key (kept as provenance)."
+    )
+    source_column: str = Field("source", description="Per-row source column, if present.")
+    license_column: str = Field("license", description="Per-row licence column, if present.")
+    source: str = Field(
+        "", description="Source name for every row; empty = the shard's parent folder name."
+    )
+    max_image_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="Larger encoded images are ledgered (image_too_large)."
+    )
+    max_pixels: int = Field(
+        89_478_485,  # PIL's own decompression-bomb limit
+        gt=0,
+        description="Images with more pixels are ledgered (too_many_pixels) before any decode.",
+    )
+    min_side: int = Field(1, ge=1, description="Images with a shorter side are ledgered (too_small).")
+    batch_rows: int = Field(1024, gt=0, description="Rows read from an input shard at a time.")
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    ray: RaySection = RaySection()
+    ingest: IngestSection = IngestSection()
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the key."""
+
+
+def _describe_allowed(model: type[BaseModel]) -> str:
+    return ", ".join(sorted(model.model_fields))
+
+
+def _section_model(path: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return model
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            parent = _section_model(loc[:-1])
+            lines.append(f"  unknown key '{key}'; allowed keys here: {_describe_allowed(parent)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML literal; anything that is not one is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override to a raw config dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    dotted, value = assignment.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(
+            f"--set key {dotted!r} must name a section and a key (e.g. run.seed=3); "
+            f"sections: {_describe_allowed(Config)}"
+        )
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = _parse_value(value.strip())
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then ``--set`` overrides, validated together."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a TOML file to --config")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+        origin = str(p)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    if overrides:
+        origin += " + --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def to_toml(cfg: Config) -> str:
+    """Render the resolved config as TOML (flat sections of scalars and lists)."""
+    out: list[str] = []
+    for name, section in cfg.model_dump().items():
+        out.append(f"[{name}]")
+        for key, value in section.items():
+            out.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def section_dump(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(cfg, name).model_dump() for name in sections}
+
+
+def config_hash(payload: dict[str, Any]) -> str:
+    """Stable 16-hex-digit hash of a JSON-able dict (key order does not matter)."""
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return xxhash.xxh3_64_hexdigest(text.encode("utf-8"))
+
+
+def describe_defaults() -> str:
+    """Every key with its default and description, for docs and `ovpipe config show --help-keys`."""
+    lines = []
+    for name, field in Config.model_fields.items():
+        model = field.annotation
+        lines.append(f"[{name}] {model.__doc__.strip() if model.__doc__ else ''}")
+        for key, f in model.model_fields.items():
+            lines.append(f"  {key} = {json.dumps(f.default, ensure_ascii=False)}  # {f.description}")
+    return "\n".join(lines)

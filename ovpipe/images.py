@@ -1,0 +1,114 @@
+"""Untrusted images: probing sizes without a full decode, and fetching bytes by reference.
+
+Every check that can reject an image raises ``BadImage(reason, detail)``; stages turn that into
+a ledger row. Reasons: ``missing_image`` (null), ``empty_image`` (zero bytes),
+``image_too_large`` (encoded bytes over the limit), ``not_an_image`` (no known format),
+``corrupt_image`` (header unreadable), ``too_many_pixels`` (decompression-bomb guard, checked
+from the header before any decode), ``too_small``.
+
+An image reference is three ingest columns (docs/data-contracts.md):
+``image_uri`` (the file, or the container holding it), ``image_member`` (the column of a
+Parquet container, the member of a tar; null for a plain file) and ``image_row`` (row in a
+Parquet container; null otherwise).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from ovpipe.shards import Location
+
+# EXIF orientations 5-8 are transposes: the displayed image has width and height swapped.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class BadImage(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int  # after EXIF orientation
+    height: int
+    format: str
+
+
+def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: int = 1) -> ImageInfo:
+    """Sizes and format from the header alone; raises BadImage with a ledger reason."""
+    if data is None:
+        raise BadImage("missing_image", "the image field is null")
+    if len(data) == 0:
+        raise BadImage("empty_image", "zero bytes")
+    if len(data) > max_bytes:
+        raise BadImage("image_too_large", f"{len(data):,} bytes > limit {max_bytes:,}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage("too_many_pixels", str(e)) from None
+    except UnidentifiedImageError:
+        raise BadImage("not_an_image", f"no known image format in the first bytes {data[:8]!r}") from None
+    except Exception as e:  # PIL raises many types on garbage headers
+        raise BadImage("corrupt_image", f"{type(e).__name__}: {e}") from None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise BadImage("too_many_pixels", f"{width}x{height} = {width * height:,} px > limit {max_pixels:,}")
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION_TAG)
+        except Exception:  # a broken EXIF block does not make the pixels unusable
+            orientation = None
+        if orientation in _TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
+        if min(width, height) < min_side:
+            raise BadImage("too_small", f"{width}x{height} has a side under {min_side} px")
+        return ImageInfo(width, height, img.format or "UNKNOWN")
+
+
+def fetch_image_bytes(refs: pa.Table, filesystem=None) -> list[bytes | None]:
+    """Image bytes for rows with image_uri / image_member / image_row, in row order.
+
+    Rows that point into the same Parquet container are read with one column read per
+    container; a missing file or row yields None (callers ledger it)."""
+    uris = refs.column("image_uri").to_pylist()
+    members = refs.column("image_member").to_pylist()
+    rows = refs.column("image_row").to_pylist()
+    out: list[bytes | None] = [None] * len(uris)
+    by_container: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, (uri, member, row) in enumerate(zip(uris, members, rows)):
+        if row is not None:
+            by_container[(uri, member)].append(i)
+        else:
+            out[i] = _read_file(uri, filesystem)
+    for (uri, column), idxs in by_container.items():
+        loc = Location.parse(uri, filesystem)
+        try:
+            table = pq.read_table(loc.path, filesystem=loc.fs, columns=[column])
+        except (OSError, pa.ArrowException):
+            continue
+        col = table.column(column)
+        if pa.types.is_struct(col.type):  # Hugging Face image struct {bytes, path}
+            col = pa.chunked_array([c.field("bytes") for c in col.chunks])
+        for i in idxs:
+            if 0 <= rows[i] < len(col):
+                out[i] = col[rows[i]].as_py()
+    return out
+
+
+def _read_file(uri: str, filesystem) -> bytes | None:
+    try:
+        return Location.parse(uri, filesystem).read_bytes()
+    except (OSError, ValueError):
+        return None

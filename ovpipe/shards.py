@@ -1,0 +1,214 @@
+"""Shard I/O shared by every stage: Parquet through pyarrow filesystems.
+
+Paths are local paths or URIs (``s3://``, ``gs://``, ``file://``); a caller may also pass a
+pyarrow ``FileSystem`` explicitly (tests use ``SubTreeFileSystem`` and fsspec's memory
+filesystem). Layout of a stage's output folder::
+
+    OUT/<shard>.parquet           data, one per input shard (deterministic name)
+    OUT/_ledger/<shard>.parquet   dropped samples of that input shard (only if any)
+    OUT/_manifest/_stage.json     stage name + config + config hash (written before any shard)
+    OUT/_manifest/<shard>.json    commit record of one input shard (written last)
+    OUT/_manifest/_summary.json   totals, written when the stage finishes
+
+A data shard counts as written only once its manifest entry exists. On a local disk every
+file is written to a temporary name and renamed; object stores have no rename, so there the
+manifest entry (a single small PUT) is the commit and readers never list data files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST_DIR = "_manifest"
+LEDGER_DIR = "_ledger"
+STAGE_FILE = "_stage.json"
+SUMMARY_FILE = "_summary.json"
+
+# Fixed writer settings: same rows in => same bytes out, whatever the worker count.
+PARQUET_WRITE_OPTIONS: dict[str, Any] = dict(
+    compression="zstd", row_group_size=64 * 1024, write_statistics=True, use_dictionary=True
+)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or file on some filesystem; picklable, so it travels into Ray tasks."""
+
+    fs: pafs.FileSystem
+    path: str
+
+    @classmethod
+    def parse(cls, path_or_uri: str, fs: pafs.FileSystem | None = None) -> "Location":
+        if fs is not None:
+            return cls(fs, path_or_uri.rstrip("/") or "/")
+        if "://" in path_or_uri and not path_or_uri.startswith("file://"):
+            try:
+                fs, path = pafs.FileSystem.from_uri(path_or_uri)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+                raise ValueError(
+                    f"cannot open {path_or_uri!r}: {e}. Use a local path or a URI pyarrow "
+                    "understands (s3://bucket/prefix, gs://bucket/prefix)."
+                ) from None
+            return cls(fs, path.rstrip("/"))
+        local = path_or_uri.removeprefix("file://")
+        return cls(pafs.LocalFileSystem(), os.path.abspath(local))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def join(self, *parts: str) -> "Location":
+        return Location(self.fs, posixpath.join(self.path, *parts))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    def uri(self) -> str:
+        """A human-readable string for messages, ledgers and provenance."""
+        if self.is_local:
+            return self.path
+        scheme = getattr(self.fs, "type_name", "fs")
+        return f"{scheme}://{self.path.lstrip('/')}"
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
+    def mkdir(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def size(self) -> int:
+        return self.fs.get_file_info(self.path).size
+
+    def delete_tree(self) -> None:
+        if self.is_dir():
+            self.fs.delete_dir(self.path)
+        elif self.exists():
+            self.fs.delete_file(self.path)
+
+    def list_files(self, suffixes: tuple[str, ...] = ("",), recursive: bool = True) -> list["Location"]:
+        """Files under this folder, sorted by path, skipping names starting with '_' or '.'
+        (manifests, ledgers, temporary files)."""
+        selector = pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(selector):
+            rel = posixpath.relpath(info.path, self.path)
+            if info.type != pafs.FileType.File:
+                continue
+            if any(part.startswith(("_", ".")) for part in rel.split("/")):
+                continue
+            if info.path.endswith(suffixes):
+                out.append(Location(self.fs, info.path))
+        return sorted(out, key=lambda loc: loc.path)
+
+
+def _tmp_name(final: Location) -> Location:
+    folder, name = posixpath.split(final.path)
+    return Location(final.fs, posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp"))
+
+
+def write_bytes_atomic(dest: Location, data: bytes) -> None:
+    """Write a whole file; on a local disk through a temporary name and a rename."""
+    dest.fs.create_dir(posixpath.dirname(dest.path), recursive=True)
+    target = _tmp_name(dest) if dest.is_local else dest
+    with dest.fs.open_output_stream(target.path) as f:
+        f.write(data)
+    if target is not dest:
+        dest.fs.move(target.path, dest.path)
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, **PARQUET_WRITE_OPTIONS)
+    return sink.getvalue()
+
+
+def write_table(dest: Location, table: pa.Table) -> None:
+    """Write one Parquet shard with the fixed writer settings (deterministic bytes)."""
+    write_bytes_atomic(dest, table_to_parquet_bytes(table))
+
+
+def read_table(src: Location, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(src.path, filesystem=src.fs, columns=columns)
+
+
+def parquet_num_rows(src: Location) -> int:
+    with src.fs.open_input_file(src.path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def write_json(dest: Location, payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    write_bytes_atomic(dest, text.encode("utf-8"))
+
+
+def read_json(src: Location) -> dict[str, Any]:
+    return json.loads(src.read_bytes().decode("utf-8"))
+
+
+def shard_name_for(input_root: Location, shard: Location) -> str:
+    """Deterministic output name for an input shard: its path below the input root,
+    folders joined by '__', extension dropped. `coyo/part-00001.parquet` -> `coyo__part-00001`."""
+    if shard.path == input_root.path:
+        rel = shard.name
+    else:
+        rel = posixpath.relpath(shard.path, input_root.path)
+    stem = rel
+    for ext in (".parquet", ".tar", ".jsonl", ".json"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    return stem.replace("/", "__")
+
+
+def list_input_shards(root: Location, suffixes: tuple[str, ...] = (".parquet",)) -> list[Location]:
+    """Input shards of a stage. An ovpipe stage output is read through its manifest (only
+    committed shards count); anything else is listed: a single file, or every matching file
+    below a folder."""
+    manifest = root.join(MANIFEST_DIR)
+    if manifest.is_dir():
+        entries = read_manifest_entries(root)
+        return [root.join(e["output"]) for e in sorted(entries.values(), key=lambda e: e["output"])
+                if e.get("output")]
+    if not root.exists():
+        raise FileNotFoundError(f"input {root.uri()!r} does not exist")
+    if not root.is_dir():
+        return [root]
+    return root.list_files(suffixes)
+
+
+def read_manifest_entries(out: Location) -> dict[str, dict[str, Any]]:
+    """Committed shards of a stage output, keyed by shard name."""
+    folder = out.join(MANIFEST_DIR)
+    selector = pafs.FileSelector(folder.path, recursive=False, allow_not_found=True)
+    entries = {}
+    for info in out.fs.get_file_info(selector):
+        name = posixpath.basename(info.path)
+        if info.type == pafs.FileType.File and name.endswith(".json") and not name.startswith(("_", ".")):
+            entry = read_json(Location(out.fs, info.path))
+            entries[entry["shard"]] = entry
+    return entries
+
+
+def concat_or_empty(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables).cast(schema)

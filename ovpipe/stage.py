@@ -1,0 +1,322 @@
+"""Running a stage: one input shard -> one output shard + its ledger rows, committed by a
+manifest entry, as Ray tasks.
+
+A stage is a small object with a name, the config sections that change its output, and a
+``process(task)`` function that turns one input shard into an Arrow table of kept rows plus a
+``Ledger`` of dropped ones. Everything else lives here, once:
+
+* the output header (``_manifest/_stage.json``): a changed config is refused, not mixed in;
+* resume: input shards whose manifest entry exists are skipped; a killed run re-run writes
+  exactly what an uninterrupted run writes (names and bytes are functions of the input);
+* accounting: per shard and per stage, input rows == kept + dropped, or the run fails loudly;
+* progress lines while shards finish, and a summary (``_manifest/_summary.json``) at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from ovpipe.config import Config, config_hash, section_dump
+from ovpipe.ledger import AccountingError, Ledger
+from ovpipe.progress import Progress
+from ovpipe.shards import (
+    LEDGER_DIR,
+    MANIFEST_DIR,
+    STAGE_FILE,
+    SUMMARY_FILE,
+    Location,
+    list_input_shards,
+    parquet_num_rows,
+    read_json,
+    read_manifest_entries,
+    shard_name_for,
+    write_json,
+    write_table,
+)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything one Ray task needs to process one input shard (picklable)."""
+
+    stage: str
+    shard: str  # deterministic output name
+    input: Location
+    input_root: Location
+    output_root: Location
+    config: Config
+    config_hash: str
+
+
+@dataclass
+class ShardOutput:
+    table: pa.Table
+    ledger: Ledger
+    input_rows: int
+
+
+class Stage(Protocol):
+    name: str
+    config_sections: tuple[str, ...]
+    schema_version: int
+    input_suffixes: tuple[str, ...]
+
+    def process(self, task: ShardTask) -> ShardOutput: ...
+
+
+class OutputConflict(RuntimeError):
+    """The output folder holds something this run must not mix with."""
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    output: str
+    config_hash: str
+    shards: int
+    shards_skipped: int
+    input_rows: int
+    kept_rows: int
+    dropped_rows: int
+    dropped_by_reason: dict[str, int]
+    seconds: float
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stage_config_payload(stage: Stage, cfg: Config) -> dict[str, Any]:
+    return {
+        "stage": stage.name,
+        "schema_version": stage.schema_version,
+        "config": section_dump(cfg, stage.config_sections),
+    }
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    a, b = _flatten(old), _flatten(new)
+    changes = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(changes) or "(no key differs; the stage's code version changed)"
+
+
+def open_output(out: Location, payload: dict[str, Any], digest: str, overwrite: bool) -> None:
+    """Check the output folder against this run's stage + config; write the header if new."""
+    header = out.join(MANIFEST_DIR, STAGE_FILE)
+    if header.exists():
+        old = read_json(header)
+        same = old.get("config_hash") == digest
+        if overwrite or not same:
+            if not overwrite:
+                raise OutputConflict(
+                    f"output {out.uri()!r} was written by stage {old.get('stage')!r} with config hash "
+                    f"{old.get('config_hash')}; this run ({payload['stage']}) has {digest}. Changed: "
+                    f"{_describe_change(old.get('payload', {}), payload)}. Write to a new --output, "
+                    "or pass --overwrite to delete the old output and start again."
+                )
+            out.delete_tree()
+        else:
+            return
+    elif out.is_dir() and out.list_files():
+        raise OutputConflict(
+            f"output {out.uri()!r} is not empty and is not an ovpipe stage output (no "
+            f"{MANIFEST_DIR}/{STAGE_FILE}); choose an empty or new folder."
+        )
+    out.mkdir()
+    write_json(header, {"stage": payload["stage"], "config_hash": digest, "payload": payload})
+
+
+def run_shard(stage: Stage, task: ShardTask) -> dict[str, Any]:
+    """Process one input shard and commit it. Idempotent: a retry overwrites the same names."""
+    start = time.monotonic()
+    result = stage.process(task)
+    kept, dropped = result.table.num_rows, len(result.ledger)
+    if result.input_rows != kept + dropped:
+        raise AccountingError(
+            f"{task.stage}: shard {task.input.uri()!r} read {result.input_rows} rows but kept {kept} "
+            f"and ledgered {dropped}; this is a bug in the stage, please report it"
+        )
+    _maybe_inject_fault(task)
+    output_name = f"{task.shard}.parquet"
+    write_table(task.output_root.join(output_name), result.table)
+    ledger_name = None
+    if dropped:
+        ledger_name = f"{LEDGER_DIR}/{task.shard}.parquet"
+        write_table(task.output_root.join(ledger_name), result.ledger.table())
+    entry = {
+        "shard": task.shard,
+        "input": task.input.uri(),
+        "output": output_name,
+        "ledger": ledger_name,
+        "input_rows": result.input_rows,
+        "kept_rows": kept,
+        "dropped_rows": dropped,
+        "dropped_by_reason": dict(sorted(Counter(result.ledger.rows["reason"]).items())),
+        "config_hash": task.config_hash,
+        "seconds": round(time.monotonic() - start, 3),
+    }
+    # The manifest entry is written last: it is the commit record of this shard.
+    write_json(task.output_root.join(MANIFEST_DIR, f"{task.shard}.json"), entry)
+    return entry
+
+
+def _maybe_inject_fault(task: ShardTask) -> None:
+    """Test hook: sleep before committing, so a test can kill a run mid-stage."""
+    delay = os.environ.get("OVPIPE_FAULT_SHARD_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
+
+
+def _run_shard_safely(stage: Stage, task: ShardTask) -> dict[str, Any]:
+    try:
+        return run_shard(stage, task)
+    except AccountingError:
+        raise
+    except Exception as e:  # one bad shard must not take down the others
+        return {"shard": task.shard, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=8)}
+
+
+def plan_tasks(stage: Stage, cfg: Config, input_root: Location, output_root: Location) -> list[ShardTask]:
+    shards = list_input_shards(input_root, stage.input_suffixes)
+    if not shards:
+        raise FileNotFoundError(
+            f"{stage.name}: no input shards ({', '.join(stage.input_suffixes)}) under {input_root.uri()!r}"
+        )
+    digest = config_hash(stage_config_payload(stage, cfg))
+    tasks = [
+        ShardTask(stage.name, shard_name_for(input_root, s), s, input_root, output_root, cfg, digest)
+        for s in shards
+    ]
+    names = Counter(t.shard for t in tasks)
+    clashes = [n for n, c in names.items() if c > 1]
+    if clashes:
+        raise ValueError(f"{stage.name}: input shards map to the same output name: {clashes[:5]}")
+    return tasks
+
+
+def run_stage(
+    stage: Stage,
+    input: str,
+    output: str,
+    cfg: Config,
+    *,
+    filesystem=None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> StageSummary:
+    """Run (or resume) one stage over every input shard; raise if any shard failed or the
+    accounting does not add up."""
+    from ovpipe.raycluster import ensure_ray
+
+    start = time.monotonic()
+    input_root = Location.parse(input, filesystem)
+    output_root = Location.parse(output, filesystem)
+    tasks = plan_tasks(stage, cfg, input_root, output_root)
+    payload = stage_config_payload(stage, cfg)
+    open_output(output_root, payload, tasks[0].config_hash, overwrite)
+
+    done = read_manifest_entries(output_root)
+    pending = [t for t in tasks if t.shard not in done]
+    failed: dict[str, str] = {}
+    if pending:
+        failed = _execute(stage, pending, cfg, quiet, ensure_ray)
+
+    entries = read_manifest_entries(output_root)
+    wanted = {t.shard for t in tasks}
+    entries = {k: v for k, v in entries.items() if k in wanted}
+    summary = _summarise(stage, output_root, tasks[0].config_hash, entries, len(tasks) - len(pending),
+                         failed, time.monotonic() - start)
+    if failed:
+        lines = "\n".join(f"  {name}: {err}" for name, err in sorted(failed.items())[:20])
+        raise RuntimeError(
+            f"{stage.name}: {len(failed)} of {len(tasks)} shards failed (the others are committed; "
+            f"re-run the same command to retry only the failed ones):\n{lines}"
+        )
+    check_accounting(summary, output_root, entries)
+    write_json(output_root.join(MANIFEST_DIR, SUMMARY_FILE), summary.to_json())
+    return summary
+
+
+def _execute(stage: Stage, pending: list[ShardTask], cfg: Config, quiet: bool, ensure_ray) -> dict[str, str]:
+    import ray
+
+    ensure_ray(cfg)
+    workers = cfg.run.workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    remote = ray.remote(num_cpus=1, max_retries=3)(_run_shard_safely)
+    progress = Progress(stage.name, len(pending), cfg.run.progress_interval_s,
+                        stream=open(os.devnull, "w") if quiet else None)
+    queue = list(pending)
+    in_flight: list = []
+    failed: dict[str, str] = {}
+    stage_ref = ray.put(stage)
+    while queue or in_flight:
+        while queue and len(in_flight) < workers:
+            in_flight.append(remote.remote(stage_ref, queue.pop(0)))
+        ready, in_flight = ray.wait(in_flight, num_returns=1)
+        result = ray.get(ready[0])
+        if "error" in result:
+            failed[result["shard"]] = result["error"]
+            print(f"[{stage.name}] shard {result['shard']} failed: {result['error']}\n{result['traceback']}",
+                  file=progress.stream, flush=True)
+        progress.update(1, result.get("input_rows", 0))
+    return failed
+
+
+def _summarise(stage: Stage, out: Location, digest: str, entries: dict[str, dict], skipped: int,
+               failed: dict[str, str], seconds: float) -> StageSummary:
+    reasons: Counter = Counter()
+    for e in entries.values():
+        reasons.update(e["dropped_by_reason"])
+    return StageSummary(
+        stage=stage.name,
+        output=out.uri(),
+        config_hash=digest,
+        shards=len(entries),
+        shards_skipped=skipped,
+        input_rows=sum(e["input_rows"] for e in entries.values()),
+        kept_rows=sum(e["kept_rows"] for e in entries.values()),
+        dropped_rows=sum(e["dropped_rows"] for e in entries.values()),
+        dropped_by_reason=dict(sorted(reasons.items())),
+        seconds=round(seconds, 3),
+        failed=failed,
+    )
+
+
+def check_accounting(summary: StageSummary, output_root: Location | None = None,
+                     entries: dict[str, dict] | None = None) -> None:
+    """Inputs == kept + dropped, per stage; with the entries, also checks that the files on disk
+    hold exactly the rows their manifest entries claim."""
+    for e in (entries or {}).values():
+        kept = parquet_num_rows(output_root.join(e["output"]))
+        dropped = parquet_num_rows(output_root.join(e["ledger"])) if e["ledger"] else 0
+        if (kept, dropped) != (e["kept_rows"], e["dropped_rows"]):
+            raise AccountingError(
+                f"{summary.stage}: shard {e['shard']} holds {kept} kept + {dropped} ledgered rows, "
+                f"but its manifest entry says {e['kept_rows']} + {e['dropped_rows']}"
+            )
+    if summary.input_rows != summary.kept_rows + summary.dropped_rows:
+        raise AccountingError(
+            f"{summary.stage}: inputs {summary.input_rows} != kept {summary.kept_rows} + dropped "
+            f"{summary.dropped_rows} in {summary.output}"
+        )
+    if sum(summary.dropped_by_reason.values()) != summary.dropped_rows:
+        raise AccountingError(f"{summary.stage}: ledger reasons do not add up to dropped rows")
