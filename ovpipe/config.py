@@ -20,6 +20,11 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+# Marks a field that changes how a stage runs but never what it writes: it is left out of the
+# config hash, so changing it does not invalidate finished shards.
+NOT_HASHED = {"hashed": False}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -29,10 +34,18 @@ class RunSection(Section):
 
     seed: int = Field(0, ge=0, description="Seed for every hash-based random choice.")
     workers: int = Field(
-        0, ge=0, description="Input shards processed at once; 0 = one per CPU of the Ray cluster."
+        0,
+        ge=0,
+        description="Input shards processed at once; 0 = one per CPU of the Ray cluster.",
+        json_schema_extra=NOT_HASHED,
     )
     progress_interval_s: float = Field(
-        5.0, gt=0, description="Seconds between progress lines on stderr."
+        5.0, gt=0, description="Seconds between progress lines on stderr.", json_schema_extra=NOT_HASHED
+    )
+    executor: Literal["ray", "local"] = Field(
+        "ray",
+        description="'ray': shards as Ray tasks; 'local': one after another in this process (debugging).",
+        json_schema_extra=NOT_HASHED,
     )
 
 
@@ -71,7 +84,9 @@ class IngestSection(Section):
         description="Images with more pixels are ledgered (too_many_pixels) before any decode.",
     )
     min_side: int = Field(1, ge=1, description="Images with a shorter side are ledgered (too_small).")
-    batch_rows: int = Field(1024, gt=0, description="Rows read from an input shard at a time.")
+    batch_rows: int = Field(
+        1024, gt=0, description="Rows read from an input shard at a time.", json_schema_extra=NOT_HASHED
+    )
 
 
 class Config(Section):
@@ -173,7 +188,16 @@ def to_toml(cfg: Config) -> str:
 
 
 def section_dump(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
-    return {name: getattr(cfg, name).model_dump() for name in sections}
+    """The named sections as plain dicts, without the fields marked NOT_HASHED."""
+    out = {}
+    for name in sections:
+        section = getattr(cfg, name)
+        out[name] = {
+            key: value
+            for key, value in section.model_dump().items()
+            if (type(section).model_fields[key].json_schema_extra or {}).get("hashed", True)
+        }
+    return out
 
 
 def config_hash(payload: dict[str, Any]) -> str:

@@ -30,6 +30,15 @@ _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
+# Leading bytes of the formats we expect; a file that starts like one but will not open is
+# corrupt rather than "not an image".
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 class BadImage(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -59,6 +68,8 @@ def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: i
     except Image.DecompressionBombError as e:
         raise BadImage("too_many_pixels", str(e)) from None
     except UnidentifiedImageError:
+        if _looks_like_image(data):
+            raise BadImage("corrupt_image", f"header of a {data[:4]!r}... file does not parse") from None
         raise BadImage("not_an_image", f"no known image format in the first bytes {data[:8]!r}") from None
     except Exception as e:  # PIL raises many types on garbage headers
         raise BadImage("corrupt_image", f"{type(e).__name__}: {e}") from None

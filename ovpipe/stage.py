@@ -225,8 +225,6 @@ def run_stage(
 ) -> StageSummary:
     """Run (or resume) one stage over every input shard; raise if any shard failed or the
     accounting does not add up."""
-    from ovpipe.raycluster import ensure_ray
-
     start = time.monotonic()
     input_root = Location.parse(input, filesystem)
     output_root = Location.parse(output, filesystem)
@@ -238,7 +236,10 @@ def run_stage(
     pending = [t for t in tasks if t.shard not in done]
     failed: dict[str, str] = {}
     if pending:
-        failed = _execute(stage, pending, cfg, quiet, ensure_ray)
+        progress = Progress(stage.name, len(pending), cfg.run.progress_interval_s,
+                            stream=open(os.devnull, "w") if quiet else None)
+        execute = _execute_local if cfg.run.executor == "local" else _execute_on_ray
+        failed = execute(stage, pending, cfg, progress)
 
     entries = read_manifest_entries(output_root)
     wanted = {t.shard for t in tasks}
@@ -256,14 +257,30 @@ def run_stage(
     return summary
 
 
-def _execute(stage: Stage, pending: list[ShardTask], cfg: Config, quiet: bool, ensure_ray) -> dict[str, str]:
+def _record(stage: Stage, result: dict[str, Any], failed: dict[str, str], progress: Progress) -> None:
+    if "error" in result:
+        failed[result["shard"]] = result["error"]
+        print(f"[{stage.name}] shard {result['shard']} failed: {result['error']}\n{result['traceback']}",
+              file=progress.stream, flush=True)
+    progress.update(1, result.get("input_rows", 0))
+
+
+def _execute_local(stage: Stage, pending: list[ShardTask], cfg: Config, progress: Progress) -> dict[str, str]:
+    failed: dict[str, str] = {}
+    for task in pending:
+        _record(stage, _run_shard_safely(stage, task), failed, progress)
+    return failed
+
+
+def _execute_on_ray(stage: Stage, pending: list[ShardTask], cfg: Config, progress: Progress) -> dict[str, str]:
+    """At most `run.workers` shards in flight; results are recorded as they finish."""
     import ray
+
+    from ovpipe.raycluster import ensure_ray
 
     ensure_ray(cfg)
     workers = cfg.run.workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
     remote = ray.remote(num_cpus=1, max_retries=3)(_run_shard_safely)
-    progress = Progress(stage.name, len(pending), cfg.run.progress_interval_s,
-                        stream=open(os.devnull, "w") if quiet else None)
     queue = list(pending)
     in_flight: list = []
     failed: dict[str, str] = {}
@@ -272,12 +289,7 @@ def _execute(stage: Stage, pending: list[ShardTask], cfg: Config, quiet: bool, e
         while queue and len(in_flight) < workers:
             in_flight.append(remote.remote(stage_ref, queue.pop(0)))
         ready, in_flight = ray.wait(in_flight, num_returns=1)
-        result = ray.get(ready[0])
-        if "error" in result:
-            failed[result["shard"]] = result["error"]
-            print(f"[{stage.name}] shard {result['shard']} failed: {result['error']}\n{result['traceback']}",
-                  file=progress.stream, flush=True)
-        progress.update(1, result.get("input_rows", 0))
+        _record(stage, ray.get(ready[0]), failed, progress)
     return failed
 
 

@@ -1,0 +1,47 @@
+"""Shared fixtures: one local Ray cluster per test session (Ray start-up costs seconds), and
+small seeded demo inputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A local Ray with 2 CPUs shared by every test; its GCS address lets subprocesses join."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_raw(tmp_path_factory) -> Path:
+    """Seeded demo input: 3 sources, 90 good rows and 3 bad ones, in shards of 10 rows."""
+    from ovpipe.demo_data import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo_raw")
+    make_demo_data(str(out), n=90, seed=1, rows_per_shard=10)
+    return out
+
+
+def subprocess_env(ray_address: str | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    env.update(extra)
+    return env
+
+
+def python_exe() -> str:
+    return sys.executable
