@@ -1,10 +1,18 @@
 """`ovpipe demo`: make seeded demo data and run every stage that exists on it, on a local Ray.
 
-Layout under --out: raw/ (demo input), then one folder per stage (ingest/, ...). Each stage
-reads the previous stage's committed output. Re-running resumes; --overwrite starts again.
+Layout under --out: raw/ (demo input), then one folder per stage, in DEMO_STEPS order. Each
+step reads the committed output of the step it names as its input. Re-running resumes;
+--overwrite starts again.
+
+To add a stage to the demo, append one DemoStep: the folder it reads, the folder it writes, and
+a function that runs it (usually ``run_stage(YourStage(), input, output, cfg, ...)``) and
+returns its StageSummary.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from ovpipe.config import Config
 from ovpipe.demo_data import make_demo_data
@@ -12,15 +20,39 @@ from ovpipe.shards import Location
 from ovpipe.stage import StageSummary, run_stage
 
 
-def run_demo(out: str, n: int, cfg: Config, overwrite: bool = False) -> list[StageSummary]:
+@dataclass(frozen=True)
+class DemoStep:
+    name: str
+    reads: str  # folder under --out
+    writes: str  # folder under --out
+    run: Callable[[str, str, Config, bool], StageSummary]  # (input, output, cfg, overwrite)
+
+
+def _ingest(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
     from curation.ingest import IngestStage
 
+    return run_stage(IngestStage(), input, output, cfg, overwrite=overwrite)
+
+
+DEMO_STEPS: list[DemoStep] = [
+    DemoStep("ingest", "raw", "ingest", _ingest),
+]
+
+
+def demo_config(cfg: Config) -> Config:
+    """The demo's own defaults (tiny models, small vocabularies) on top of the user's config."""
+    return cfg
+
+
+def run_demo(out: str, n: int, cfg: Config, overwrite: bool = False) -> list[StageSummary]:
     root = Location.parse(out)
     raw = root.join("raw")
     if overwrite:
         raw.delete_tree()
     if not raw.exists():
         make_demo_data(raw.path, n=n, seed=cfg.run.seed)
+    cfg = demo_config(cfg)
     summaries = []
-    summaries.append(run_stage(IngestStage(), raw.path, root.join("ingest").path, cfg, overwrite=overwrite))
+    for step in DEMO_STEPS:
+        summaries.append(step.run(root.join(step.reads).path, root.join(step.writes).path, cfg, overwrite))
     return summaries

@@ -63,6 +63,12 @@ class ShardOutput:
 
 
 class Stage(Protocol):
+    """What a stage provides. Optionally also ``prepare(input_shards, cfg) -> dict``: called once
+    on the driver before any shard runs, for global state every shard needs (concept counts, a
+    sampling threshold, a loaded index). It may store that state on the stage object (which is
+    shipped to every task) and returns a small JSON-able digest of it, which goes into the config
+    hash: when the global state changes, the old output is not silently mixed with the new."""
+
     name: str
     config_sections: tuple[str, ...]
     schema_version: int
@@ -93,12 +99,15 @@ class StageSummary:
         return asdict(self)
 
 
-def stage_config_payload(stage: Stage, cfg: Config) -> dict[str, Any]:
-    return {
+def stage_config_payload(stage: Stage, cfg: Config, global_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    payload = {
         "stage": stage.name,
         "schema_version": stage.schema_version,
         "config": section_dump(cfg, stage.config_sections),
     }
+    if global_state:
+        payload["global_state"] = global_state
+    return payload
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -195,13 +204,22 @@ def _run_shard_safely(stage: Stage, task: ShardTask) -> dict[str, Any]:
                 "traceback": traceback.format_exc(limit=8)}
 
 
+def _prepare(stage: Stage, shards: list[Location], cfg: Config) -> dict[str, Any] | None:
+    prepare = getattr(stage, "prepare", None)
+    if prepare is None:
+        return None
+    if getattr(stage, "_prepared_digest", None) is None:
+        stage._prepared_digest = prepare(shards, cfg) or {}
+    return stage._prepared_digest
+
+
 def plan_tasks(stage: Stage, cfg: Config, input_root: Location, output_root: Location) -> list[ShardTask]:
     shards = list_input_shards(input_root, stage.input_suffixes)
     if not shards:
         raise FileNotFoundError(
             f"{stage.name}: no input shards ({', '.join(stage.input_suffixes)}) under {input_root.uri()!r}"
         )
-    digest = config_hash(stage_config_payload(stage, cfg))
+    digest = config_hash(stage_config_payload(stage, cfg, _prepare(stage, shards, cfg)))
     tasks = [
         ShardTask(stage.name, shard_name_for(input_root, s), s, input_root, output_root, cfg, digest)
         for s in shards
@@ -229,7 +247,7 @@ def run_stage(
     input_root = Location.parse(input, filesystem)
     output_root = Location.parse(output, filesystem)
     tasks = plan_tasks(stage, cfg, input_root, output_root)
-    payload = stage_config_payload(stage, cfg)
+    payload = stage_config_payload(stage, cfg, getattr(stage, "_prepared_digest", None))
     open_output(output_root, payload, tasks[0].config_hash, overwrite)
 
     done = read_manifest_entries(output_root)
