@@ -1,3 +1,4 @@
+# Developers: read CONTRIBUTING.md first (shared tree: small targeted edits only in this file).
 """`ovpipe demo`: make seeded demo data and run every stage that exists on it, on a local Ray.
 
 Layout under --out: raw/ (demo input), then one folder per stage, in DEMO_STEPS order. Each
