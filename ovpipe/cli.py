@@ -33,6 +33,12 @@ def _ingest():
     return IngestStage()
 
 
+def _caption():
+    from curation.caption import CaptionRunner
+
+    return CaptionRunner()
+
+
 COMMON_SHORTCUTS = {"--workers": ("run.workers", int), "--seed": ("run.seed", int)}
 
 STAGES: dict[str, StageCommand] = {
@@ -40,6 +46,12 @@ STAGES: dict[str, StageCommand] = {
         "raw image(-text) Parquet shards -> one row per sample (sample_id, sizes, provenance)",
         _ingest,
         {"--source": ("ingest.source", str), "--max-pixels": ("ingest.max_pixels", int)},
+    ),
+    "caption": StageCommand(
+        "selected samples -> + English/Chinese caption (openai server, in-process vLLM or concepts), filtered",
+        _caption,
+        {"--backend": ("caption.backend", str), "--base-url": ("caption.base_url", str),
+         "--model": ("caption.model", str), "--zh-share": ("caption.zh_share", float)},
     ),
 }
 
@@ -75,8 +87,9 @@ def run_stage_command(name: str, args: argparse.Namespace) -> int:
 
     command = STAGES[name]
     cfg = load_config(args.config, _overrides(args, command))
-    summary = run_stage(command.factory(), args.input, args.output, cfg,
-                        overwrite=args.overwrite, quiet=args.quiet)
+    stage = command.factory()
+    run = getattr(stage, "run", None) or (lambda *a, **kw: run_stage(stage, *a, **kw))  # multi-pass stages
+    summary = run(args.input, args.output, cfg, overwrite=args.overwrite, quiet=args.quiet)
     print(summary_table([summary.to_json()]))
     print(f"output: {summary.output}")
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 # Marks a field that changes how a stage runs but never what it writes: it is left out of the
@@ -90,10 +90,91 @@ class IngestSection(Section):
     )
 
 
+class CaptionSection(Section):
+    """Recaptioning (curation/caption.py): backend, prompts, language choice, validity filter."""
+
+    backend: Literal["openai", "vllm", "concepts"] = Field(
+        "concepts", description="'openai': HTTP to an OpenAI-compatible server (vllm serve); 'vllm': "
+        "in-process vLLM through Ray Data's LLM processor on GPU actors; 'concepts': pseudo-captions "
+        "from each image's top-k concept names (needs assign output).")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Server root for the openai backend.",
+                          json_schema_extra=NOT_HASHED)
+    model: str = Field("", description="Captioner model: served model name (openai) or HF name / local "
+                       "folder (vllm). Recorded in the `captioner` column.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key "
+                             "(sent as a Bearer token when set).", json_schema_extra=NOT_HASHED)
+    prompt_version: str = Field("v1", description="Recorded in `captioner`; bump it when prompts change.")
+    prompt_en: str = Field(
+        "Describe this image in detail in English: the main objects, their attributes, the setting and "
+        "any visible text. Write one paragraph.", description="Prompt for English captions.")
+    prompt_zh: str = Field("请用中文详细描述这张图片：主要物体及其特征、场景以及图中可见的文字。写成一段话。",
+                           description="Prompt for Chinese captions.")
+    max_new_tokens: int = Field(512, gt=0, description="max_tokens of each request.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of each request.")
+    image_max_pixels: int = Field(1_003_520, gt=0, description="Images over this many pixels are "
+                                  "downscaled (aspect kept) and re-encoded as JPEG before sending.")
+    zh_share: float = Field(20 / 85, ge=0, le=1, description="Share of samples captioned in Chinese, "
+                            "chosen by hashing (sample_id, run.seed); the paper's 20M of 85M.")
+    language_by_source: list[str] = Field(
+        [], description="Fixed caption language per source, as 'source=en|zh' (e.g. ['laion_cn=zh']); "
+        "wins over zh_share.")
+    concepts_top_k: int = Field(3, gt=0, description="concepts backend: concept names per caption.")
+    concepts_vocabulary: str = Field("", description="concepts backend: TSV with header id/en/zh, id = "
+                                     "concept id; empty = curation/data/concepts_bilingual.tsv.")
+    retry_rejected: bool = Field(True, description="Ask once more, with another seed, when a caption "
+                                 "fails the per-sample filter.")
+    min_words: int = Field(3, ge=0, description="English captions with fewer words: caption_too_short.")
+    min_chars_zh: int = Field(5, ge=0, description="Chinese captions with fewer CJK characters: caption_too_short.")
+    max_caption_tokens: int = Field(1024, gt=0, description="Longer captions: caption_too_long.")
+    token_counter: str = Field("proxy", description="'proxy' (CJK char = 1, word = ceil(len/4), "
+                               "punctuation = 1) or 'hf:<local tokenizer folder>'.")
+    wrong_script_share: float = Field(0.5, gt=0, lt=1, description="Wrong script when the other "
+                                      "script's share of letters exceeds this.")
+    repeat_run: int = Field(4, ge=2, description="A unit repeated this many times in a row: caption_repetition.")
+    min_distinct_ngram_ratio: float = Field(0.5, ge=0, le=1, description="Fewer distinct 4-grams "
+                                            "than this share: caption_repetition.")
+    dedup_exact: bool = Field(True, description="Global pass: drop exact duplicate captions "
+                              "(after normalisation) as duplicate_caption. Hashed by the global pass only.",
+                              json_schema_extra=NOT_HASHED)
+    near_dup_threshold: float = Field(0.9, ge=0, le=1, description="Global pass: estimated Jaccard of "
+                                      "3-shingles at or above which a caption is near_duplicate_caption; 0 = off. "
+                                      "Hashed by the global pass only.", json_schema_extra=NOT_HASHED)
+    minhash_perms: int = Field(64, ge=8, description="MinHash signature length.")
+    minhash_bands: int = Field(16, ge=1, description="LSH bands (must divide minhash_perms). Hashed by "
+                               "the global pass only.", json_schema_extra=NOT_HASHED)
+    max_in_flight: int = Field(32, gt=0, description="Requests open at once per shard task.",
+                               json_schema_extra=NOT_HASHED)
+    request_timeout_s: float = Field(120.0, gt=0, description="Total timeout of one request.",
+                                     json_schema_extra=NOT_HASHED)
+    max_retries: int = Field(6, ge=0, description="Retries of one request (connection errors, "
+                             "timeouts, 429, 5xx, malformed or oversized bodies).", json_schema_extra=NOT_HASHED)
+    backoff_base_s: float = Field(0.25, gt=0, description="First backoff cap; doubles per retry.",
+                                  json_schema_extra=NOT_HASHED)
+    backoff_max_s: float = Field(10.0, gt=0, description="Largest backoff.", json_schema_extra=NOT_HASHED)
+    max_response_bytes: int = Field(1 << 20, gt=0, description="Larger response bodies are abandoned.",
+                                    json_schema_extra=NOT_HASHED)
+    vllm_concurrency: int = Field(1, gt=0, description="vllm backend: GPU engine actors.",
+                                  json_schema_extra=NOT_HASHED)
+    vllm_batch_size: int = Field(32, gt=0, description="vllm backend: rows per engine batch.",
+                                 json_schema_extra=NOT_HASHED)
+    vllm_engine_kwargs: str = Field("{}", description="vllm backend: extra vLLM engine arguments as "
+                                    "a JSON object (max_model_len, tensor_parallel_size, …).")
+
+    @field_validator("language_by_source")
+    @classmethod
+    def _source_languages(cls, value: list[str]) -> list[str]:
+        for item in value:
+            source, _, lang = item.partition("=")
+            if not source or lang not in ("en", "zh"):
+                raise ValueError(f"expected 'source=en' or 'source=zh', got {item!r}")
+        return value
+
+
 class Config(Section):
     run: RunSection = RunSection()
     ray: RaySection = RaySection()
     ingest: IngestSection = IngestSection()
+    caption: CaptionSection = CaptionSection()
 
 
 class ConfigError(ValueError):

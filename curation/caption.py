@@ -1,0 +1,553 @@
+"""Caption stage: selected samples -> samples with an English or Chinese caption, filtered.
+
+Reads:  any ovpipe shards with ``sample_id``, optional ``sample_hash`` (uint64) and ``source``,
+        and an image reference (``image_uri``, ``image_member``, ``image_row``; bytes fetched
+        with ``ovpipe.images.fetch_image_bytes``). The ``concepts`` backend reads
+        ``concept_ids`` (list<int32>, best first, from assign) instead of images.
+Writes: ``OUT/<shard>.parquet``: the input columns + ``caption`` (string), ``language``
+        ("en" / "zh") and ``captioner`` ("<model>@<prompt_version>"); ledger rows with stage
+        ``caption`` and the reasons of ``curation.caption_filter`` plus ``image_unavailable``,
+        ``caption_request_failed``, ``duplicate_caption`` and ``near_duplicate_caption``.
+
+Two passes, both ordinary ``run_stage`` runs (so both resume through their manifests):
+
+1. ``CaptionStage`` -> ``OUT/_captions/``: per input shard, every sample is captioned (requests
+   concurrent inside the shard, ``caption.max_in_flight`` open at once) and checked by the
+   per-sample filter. Each kept row also carries ``caption_key`` (uint64 hash of the normalised
+   caption) and ``caption_minhash`` (uint32 MinHash signature): the per-shard hash lists.
+2. ``CaptionDedupStage`` -> ``OUT/``: its ``prepare()`` reads only those hash columns of every
+   pass-1 shard on the driver, reduces them to the set of duplicate losers (winner = smallest
+   (sample_hash, sample_id)), and puts a digest of that set in the config hash; each shard task
+   then ledgers its losers and writes the final rows without the helper columns.
+
+A crash in pass 1 loses at most the shards in progress (finished shards are never captioned
+again); a crash in pass 2 redoes only its unfinished shards, from the same loser set. Pass 2
+needs every pass-1 shard, so it starts only when pass 1 is complete. Accounting holds per pass
+(pass-1 inputs = pass-1 kept + ledgered; pass-1 kept = pass-2 kept + ledgered), and the
+combined summary in ``OUT/_manifest/_summary.json`` adds them up.
+
+Language: ``language_by_source`` when the sample's source is listed, else Chinese when
+xxh3(seed, sample_id) / 2**64 < ``zh_share``: deterministic, independent of order and sharding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import importlib.util
+import io
+import json
+import math
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import xxhash
+from PIL import Image
+
+from curation.caption_client import ChatClient, ClientSettings, RequestFailed
+from curation.caption_filter import (
+    CaptionRef,
+    FilterRules,
+    band_keys,
+    caption_key,
+    check_caption,
+    exact_duplicates,
+    jaccard_estimate,
+    minhash,
+    near_duplicate_candidates,
+)
+from ovpipe.config import CaptionSection, Config
+from ovpipe.images import fetch_image_bytes
+from ovpipe.ledger import Ledger
+from ovpipe.shards import MANIFEST_DIR, STAGE_FILE, SUMMARY_FILE, Location, read_json, read_table, write_json
+from ovpipe.stage import (
+    OutputConflict,
+    ShardOutput,
+    ShardTask,
+    StageSummary,
+    check_accounting,
+    plan_tasks,
+    run_stage,
+)
+
+DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "concepts_bilingual.tsv"
+PASS1_DIR = "_captions"
+LEDGER_STAGE = "caption"
+OUTPUT_COLUMNS = [pa.field("caption", pa.string()), pa.field("language", pa.string()),
+                  pa.field("captioner", pa.string())]
+HELPER_COLUMNS = [pa.field("caption_key", pa.uint64()), pa.field("caption_minhash", pa.list_(pa.uint32()))]
+IMAGE_REF = ("image_uri", "image_member", "image_row")
+
+
+class MissingBackend(RuntimeError):
+    """The chosen backend needs a package that is not installed."""
+
+
+# --- language and seeds ------------------------------------------------------------------------
+
+def _unit(seed: int, sample_id: str, salt: str) -> float:
+    return xxhash.xxh3_64_intdigest(f"{salt}:{seed}:{sample_id}".encode()) / 2.0**64
+
+
+def choose_languages(sample_ids: list[str], sources: list[str | None], cfg: CaptionSection, seed: int) -> list[str]:
+    by_source = dict(item.split("=", 1) for item in cfg.language_by_source)
+    return [by_source.get(src) or ("zh" if _unit(seed, sid, "lang") < cfg.zh_share else "en")
+            for sid, src in zip(sample_ids, sources)]
+
+
+def request_seed(sample_id: str, seed: int, attempt: int) -> int:
+    """Per-sample sampling seed sent to the server; attempt 1 is the retry of a rejected caption."""
+    return xxhash.xxh3_64_intdigest(f"req:{seed}:{attempt}:{sample_id}".encode()) % 2**31
+
+
+def filter_rules(cfg: CaptionSection) -> FilterRules:
+    return FilterRules(cfg.min_words, cfg.min_chars_zh, cfg.max_caption_tokens, cfg.wrong_script_share,
+                       cfg.repeat_run, cfg.min_distinct_ngram_ratio, token_counter=cfg.token_counter)
+
+
+def captioner_id(cfg: CaptionSection, vocabulary_digest: str = "") -> str:
+    if cfg.backend == "concepts":
+        return f"concepts-top{cfg.concepts_top_k}:{vocabulary_digest}@{cfg.prompt_version}"
+    return f"{cfg.model}@{cfg.prompt_version}"
+
+
+# --- concepts backend --------------------------------------------------------------------------
+
+def load_vocabulary(path: str) -> tuple[list[str], list[str], str]:
+    """(English names, Chinese names, digest) from a TSV with header id/en/zh, id == row index."""
+    loc = Location.parse(path or str(DEFAULT_VOCABULARY))
+    if not loc.exists():
+        raise FileNotFoundError(f"concept vocabulary {loc.uri()!r} does not exist; set caption.concepts_vocabulary "
+                                "to the bilingual TSV (id, en, zh) that assign used")
+    raw = loc.read_bytes()
+    lines = raw.decode("utf-8").splitlines()
+    if not lines or lines[0].split("\t")[:3] != ["id", "en", "zh"]:
+        raise ValueError(f"concept vocabulary {loc.uri()!r} must start with the header 'id\\ten\\tzh'")
+    en, zh = [], []
+    for n, line in enumerate(lines[1:]):
+        parts = line.split("\t")
+        if len(parts) < 3 or parts[0] != str(n):
+            raise ValueError(f"concept vocabulary {loc.uri()!r} line {n + 2}: expected '{n}\\t<en>\\t<zh>', got {line!r}")
+        en.append(parts[1].strip())
+        zh.append(parts[2].strip())
+    return en, zh, xxhash.xxh3_64_hexdigest(raw)
+
+
+def _article(name: str) -> str:
+    if name.lower().startswith(("a ", "an ", "the ")) or name.endswith("s"):
+        return name
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
+def concept_caption(names: list[str], language: str) -> str:
+    """'A photo with a dog, a ball and grass.' / '一张包含狗、球和草地的照片。'"""
+    if not names:
+        return ""
+    if language == "zh":
+        listed = names[0] if len(names) == 1 else "、".join(names[:-1]) + "和" + names[-1]
+        return f"一张包含{listed}的照片。"
+    words = [_article(n) for n in names]
+    listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    return f"A photo with {listed}."
+
+
+# --- images ------------------------------------------------------------------------------------
+
+def image_data_url(data: bytes, max_pixels: int) -> str:
+    """A data URL of the image, downscaled and re-encoded as JPEG only when over the budget
+    (or in a format servers may not take): most images are sent as they are, base64 only."""
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        fmt = (img.format or "").upper()
+        if w * h <= max_pixels and fmt in ("JPEG", "PNG", "WEBP"):
+            return f"data:image/{fmt.lower()};base64,{base64.b64encode(data).decode('ascii')}"
+        scale = min(1.0, math.sqrt(max_pixels / (w * h)))
+        size = (max(1, int(w * scale)), max(1, int(h * scale)))
+        out = io.BytesIO()
+        img.convert("RGB").resize(size, Image.BICUBIC).save(out, format="JPEG", quality=90)
+    return f"data:image/jpeg;base64,{base64.b64encode(out.getvalue()).decode('ascii')}"
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Answer:
+    text: str | None
+    rejected: tuple[str, str] | None = None  # (ledger reason, detail)
+
+
+def _judge(text: str, finish: str, language: str, rules: FilterRules, retried: bool) -> Answer:
+    bad = check_caption(text, finish, language, rules)
+    if bad is None:
+        return Answer(text.strip())
+    return Answer(None, (bad[0], bad[1] + (" (also after one retry with another seed)" if retried else "")))
+
+
+def _messages(url: str, prompt: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": prompt}]}]
+
+
+def caption_openai(sample_ids: list[str], images: list[bytes | None], languages: list[str],
+                   cfg: CaptionSection, seed: int) -> tuple[list[Answer], int]:
+    """Caption one shard's samples over HTTP; returns the answers and the number of retries."""
+    settings = ClientSettings(cfg.base_url, cfg.model, cfg.api_key_env, cfg.max_in_flight, cfg.request_timeout_s,
+                              cfg.max_retries, cfg.backoff_base_s, cfg.backoff_max_s, cfg.max_response_bytes)
+    rules = filter_rules(cfg)
+
+    async def run() -> tuple[list[Answer], int]:
+        gate = asyncio.Semaphore(cfg.max_in_flight)  # bounds data URLs held in memory too
+        async with ChatClient(settings) as client:
+            async def one(i: int) -> Answer:
+                async with gate:
+                    return await _caption_one(client, sample_ids[i], images[i], languages[i], cfg, rules, seed)
+            answers = await asyncio.gather(*(one(i) for i in range(len(sample_ids))))
+            return list(answers), client.retries
+
+    return asyncio.run(run())
+
+
+async def _caption_one(client: ChatClient, sample_id: str, data: bytes | None, language: str,
+                       cfg: CaptionSection, rules: FilterRules, seed: int) -> Answer:
+    if data is None:
+        return Answer(None, ("image_unavailable", "the image reference could not be read"))
+    try:
+        url = image_data_url(data, cfg.image_max_pixels)
+    except Exception as e:  # untrusted bytes: PIL raises many types
+        return Answer(None, ("image_unavailable", f"image does not decode: {type(e).__name__}: {e}"[:300]))
+    messages = _messages(url, cfg.prompt_zh if language == "zh" else cfg.prompt_en)
+    answer = Answer(None)
+    for attempt in range(2 if cfg.retry_rejected else 1):
+        try:
+            done = await client.complete(messages, request_id=f"{sample_id}/{attempt}",
+                                         max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         seed=request_seed(sample_id, seed, attempt))
+        except RequestFailed as e:
+            return Answer(None, ("caption_request_failed", e.detail[:500]))
+        answer = _judge(done.text, done.finish_reason, language, rules, attempt > 0)
+        if answer.rejected is None:
+            break
+    return answer
+
+
+def caption_vllm(sample_ids: list[str], images: list[bytes | None], languages: list[str],
+                 cfg: CaptionSection, seed: int) -> list[Answer]:
+    """Caption one shard with vLLM in-process on GPU actors (Ray Data's LLM processor)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise MissingBackend(
+            "caption.backend = 'vllm' needs vLLM and Ray's LLM extra on the GPU nodes: pip install "
+            "'ovpipe[gpu]' (vllm, ray[llm]). Without a GPU, use backend 'openai' against a running "
+            "`vllm serve`, or 'concepts'.")
+    import ray.data
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    rules = filter_rules(cfg)
+    answers: list[Answer | None] = [None] * len(sample_ids)
+    rows = []
+    for i, (sid, data, lang) in enumerate(zip(sample_ids, images, languages)):
+        try:
+            url = image_data_url(data, cfg.image_max_pixels) if data is not None else None
+        except Exception as e:
+            url, answers[i] = None, Answer(None, ("image_unavailable", f"image does not decode: {e}"[:300]))
+        if url is None and answers[i] is None:
+            answers[i] = Answer(None, ("image_unavailable", "the image reference could not be read"))
+        if url is not None:
+            rows.append({"i": i, "url": url, "prompt": cfg.prompt_zh if lang == "zh" else cfg.prompt_en})
+    config = vLLMEngineProcessorConfig(
+        model_source=cfg.model, engine_kwargs=json.loads(cfg.vllm_engine_kwargs), concurrency=cfg.vllm_concurrency,
+        batch_size=cfg.vllm_batch_size, prepare_multimodal_stage=True, should_continue_on_error=True)
+    for attempt in range(2 if cfg.retry_rejected else 1):
+        if not rows:
+            break
+        processor = build_processor(
+            config,
+            preprocess=lambda r, a=attempt: dict(
+                i=r["i"], messages=_messages(r["url"], r["prompt"]),
+                sampling_params=dict(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens,
+                                     seed=request_seed(sample_ids[r["i"]], seed, a))),
+            postprocess=lambda r: dict(i=r["i"], text=r.get("generated_text") or "",
+                                       n=int(r.get("num_generated_tokens") or 0),
+                                       error=str(r.get("__inference_error__") or "")),
+        )
+        results = processor(ray.data.from_items(rows)).take_all()
+        retry = []
+        for r in results:
+            i = r["i"]
+            if r["error"]:
+                answers[i] = Answer(None, ("caption_request_failed", r["error"][:500]))
+                continue
+            finish = "length" if r["n"] >= cfg.max_new_tokens else "stop"
+            answers[i] = _judge(r["text"], finish, languages[i], rules, attempt > 0)
+            if answers[i].rejected is not None:
+                retry.append(next(row for row in rows if row["i"] == i))
+        rows = retry
+    return [a if a is not None else Answer(None, ("caption_request_failed", "no result from the engine"))
+            for a in answers]
+
+
+# --- pass 1 ------------------------------------------------------------------------------------
+
+class CaptionStage:
+    name = "caption"
+    config_sections = ("run", "caption")
+    schema_version = 1
+    input_suffixes = (".parquet",)
+
+    def __init__(self) -> None:
+        self.vocabulary: tuple[list[str], list[str], str] | None = None
+
+    def prepare(self, shards: list[Location], cfg: Config) -> dict[str, Any]:
+        c = cfg.caption
+        if c.minhash_perms % c.minhash_bands:
+            raise ValueError(f"caption.minhash_bands ({c.minhash_bands}) must divide caption.minhash_perms "
+                             f"({c.minhash_perms})")
+        if c.backend == "concepts":
+            self.vocabulary = load_vocabulary(c.concepts_vocabulary)
+            return {"vocabulary": self.vocabulary[2], "concepts": len(self.vocabulary[0])}
+        if not c.model:
+            raise ValueError(f"caption.backend = {c.backend!r} needs caption.model (--model NAME)")
+        if c.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            caption_vllm([], [], [], c, 0)  # raises the clear MissingBackend message
+        return {}
+
+    def process(self, task: ShardTask) -> ShardOutput:
+        c, seed = task.config.caption, task.config.run.seed
+        table = read_table(task.input)
+        _require(table, task, ["sample_id"] + (["concept_ids"] if c.backend == "concepts" else list(IMAGE_REF)))
+        table = table.drop_columns([f.name for f in OUTPUT_COLUMNS + HELPER_COLUMNS if f.name in table.column_names])
+        ids = table.column("sample_id").to_pylist()
+        sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * len(ids)
+        languages = choose_languages(ids, sources, c, seed)
+        if c.backend == "concepts":
+            answers = self._concept_answers(table, languages, c)
+        else:
+            images = fetch_image_bytes(table.select(list(IMAGE_REF)))
+            if c.backend == "openai":
+                answers, _retries = caption_openai(ids, images, languages, c, seed)
+            else:
+                answers = caption_vllm(ids, images, languages, c, seed)
+        return self._output(task, table, ids, languages, answers)
+
+    def _concept_answers(self, table: pa.Table, languages: list[str], c: CaptionSection) -> list[Answer]:
+        en, zh, _ = self.vocabulary
+        rules = filter_rules(c)
+        answers = []
+        for ids, lang in zip(table.column("concept_ids").to_pylist(), languages):
+            names_of = zh if lang == "zh" else en
+            ids = [i for i in (ids or []) if i is not None]
+            bad = [i for i in ids if not 0 <= i < len(names_of)]
+            if bad:
+                answers.append(Answer(None, ("caption_empty", f"concept ids {bad[:3]} outside the vocabulary "
+                                                              f"of {len(names_of)}: was assign run with another one?")))
+                continue
+            names = list(dict.fromkeys(names_of[i] for i in ids if names_of[i]))[: c.concepts_top_k]
+            answers.append(_judge(concept_caption(names, lang), "stop", lang, rules, False))
+        return answers
+
+    def _output(self, task: ShardTask, table: pa.Table, ids: list[str], languages: list[str],
+                answers: list[Answer]) -> ShardOutput:
+        c = task.config.caption
+        ledger = Ledger(LEDGER_STAGE)
+        keep, captions, keys, sigs = [], [], [], []
+        uri = task.input.uri()
+        for row, (sid, lang, ans) in enumerate(zip(ids, languages, answers)):
+            if ans.rejected is not None:
+                ledger.drop(f"{uri}#row={row}", ans.rejected[0], f"[{lang}] {ans.rejected[1]}", sid)
+                continue
+            keep.append(row)
+            captions.append(ans.text)
+            keys.append(caption_key(ans.text))
+            sigs.append(minhash(ans.text, lang, c.minhash_perms).tolist())
+        out = table.take(pa.array(keep, pa.int64()))
+        who = captioner_id(c, self.vocabulary[2] if self.vocabulary else "")
+        columns = [captions, [languages[r] for r in keep], [who] * len(keep), keys, sigs]
+        for f, values in zip(OUTPUT_COLUMNS + HELPER_COLUMNS, columns):
+            out = out.append_column(f, pa.array(values, f.type))
+        return ShardOutput(out, ledger, table.num_rows)
+
+
+def _require(table: pa.Table, task: ShardTask, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        hint = (" The concepts backend reads assign output (concept_ids); use --backend openai or vllm "
+                "for shards without it." if "concept_ids" in missing else "")
+        raise ValueError(f"caption input {task.input.uri()!r} lacks columns {missing}; it has "
+                         f"{table.column_names}.{hint}")
+
+
+# --- pass 2: the global duplicate pass ---------------------------------------------------------
+
+class CaptionDedupStage:
+    name = "caption_dedup"
+    config_sections = ("run", "caption")
+    schema_version = 1
+    input_suffixes = (".parquet",)
+
+    def __init__(self) -> None:
+        self.losers: dict[str, dict[int, tuple[str, str]]] = {}  # shard path -> row -> (reason, detail)
+
+    def prepare(self, shards: list[Location], cfg: Config) -> dict[str, Any]:
+        self.losers = find_duplicate_rows(shards, cfg.caption)
+        flat = sorted((path, row, reason) for path, rows in self.losers.items()
+                      for row, (reason, _) in rows.items())
+        digest = xxhash.xxh3_64_hexdigest(json.dumps(flat).encode())
+        c = cfg.caption
+        return {"dedup": {"exact": c.dedup_exact, "near_dup_threshold": c.near_dup_threshold,
+                          "minhash_bands": c.minhash_bands},
+                "losers": len(flat), "losers_digest": digest}
+
+    def process(self, task: ShardTask) -> ShardOutput:
+        table = read_table(task.input)
+        losers = self.losers.get(task.input.path, {})
+        ledger = Ledger(LEDGER_STAGE)
+        ids = table.column("sample_id").to_pylist()
+        for row in sorted(losers):
+            reason, detail = losers[row]
+            ledger.drop(f"{task.input.uri()}#row={row}", reason, detail, ids[row])
+        mask = np.ones(table.num_rows, dtype=bool)
+        mask[list(losers)] = False
+        out = table.filter(pa.array(mask)).drop_columns([f.name for f in HELPER_COLUMNS])
+        return ShardOutput(out, ledger, table.num_rows)
+
+
+def _orders(table: pa.Table, shard: str) -> list[tuple]:
+    ids = table.column("sample_id").to_pylist()
+    if "sample_hash" in table.column_names:
+        hashes = table.column("sample_hash").to_pylist()
+    else:
+        hashes = [xxhash.xxh3_64_intdigest(s.encode()) for s in ids]
+    return [(h, s, shard, r) for r, (h, s) in enumerate(zip(hashes, ids))]
+
+
+def find_duplicate_rows(shards: list[Location], c: CaptionSection) -> dict[str, dict[int, tuple[str, str]]]:
+    """The global reduction: per-shard hash columns in, {shard path: {row: (reason, detail)}} out."""
+    refs: list[CaptionRef] = []
+    orders: list[tuple] = []
+    bands: list[np.ndarray] = []
+    for loc in shards:
+        cols = ["sample_id", "caption_key"] + (["sample_hash"] if _has_column(loc, "sample_hash") else [])
+        table = read_table(loc, columns=cols)
+        o = _orders(table, loc.path)
+        refs.extend(CaptionRef(order, key) for order, key in zip(o, table.column("caption_key").to_pylist()))
+        if c.near_dup_threshold > 0:
+            sig = read_table(loc, columns=["caption_minhash"]).column("caption_minhash").combine_chunks()
+            flat = sig.flatten().to_numpy(zero_copy_only=False).reshape(len(o), c.minhash_perms)
+            orders.extend(o)
+            bands.append(band_keys(flat, c.minhash_bands))
+    losers: dict[str, dict[int, tuple[str, str]]] = {}
+
+    def lose(order: tuple, reason: str, detail: str) -> None:
+        losers.setdefault(order[2], {}).setdefault(order[3], (reason, detail))
+
+    exact = exact_duplicates(refs) if c.dedup_exact else {}
+    for loser, winner in exact.items():
+        lose(loser, "duplicate_caption", f"same normalised caption as sample {winner[1]}")
+    if c.near_dup_threshold > 0 and orders:
+        keep = [i for i, o in enumerate(orders) if o not in exact]
+        kept_orders = [orders[i] for i in keep]
+        candidates = near_duplicate_candidates(kept_orders, np.concatenate(bands)[keep])
+        if candidates:
+            needed = set(candidates) | {l for ls in candidates.values() for l in ls}
+            signatures = _signatures(shards, needed, c.minhash_perms)
+            for member in sorted(candidates):
+                for leader in sorted(candidates[member]):
+                    sim = jaccard_estimate(signatures[member], signatures[leader])
+                    if sim >= c.near_dup_threshold:
+                        lose(member, "near_duplicate_caption",
+                             f"estimated Jaccard {sim:.2f} with sample {leader[1]}")
+                        break
+    return losers
+
+
+def _has_column(loc: Location, name: str) -> bool:
+    import pyarrow.parquet as pq
+
+    with loc.fs.open_input_file(loc.path) as f:
+        return name in pq.ParquetFile(f).schema_arrow.names
+
+
+def _signatures(shards: list[Location], needed: set[tuple], perms: int) -> dict[tuple, np.ndarray]:
+    """MinHash signatures of the candidate rows only, read shard by shard."""
+    rows_by_shard: dict[str, set[int]] = {}
+    for o in needed:
+        rows_by_shard.setdefault(o[2], set()).add(o[3])
+    by_row: dict[tuple[str, int], np.ndarray] = {}
+    for loc in shards:
+        rows = rows_by_shard.get(loc.path)
+        if not rows:
+            continue
+        col = read_table(loc, columns=["caption_minhash"]).column("caption_minhash")
+        picked = sorted(rows)
+        values = pc.take(col, pa.array(picked)).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        for r, sig in zip(picked, values.reshape(len(picked), perms)):
+            by_row[(loc.path, r)] = sig
+    return {o: by_row[(o[2], o[3])] for o in needed}
+
+
+# --- both passes -------------------------------------------------------------------------------
+
+class CaptionRunner:
+    """What `ovpipe caption` runs: pass 1 into OUT/_captions, pass 2 into OUT, one summary."""
+
+    name = "caption"
+
+    def run(self, input: str, output: str, cfg: Config, *, filesystem=None, overwrite: bool = False,
+            quiet: bool = False) -> StageSummary:
+        out = Location.parse(output, filesystem)
+        pass1_out = output.rstrip("/") + "/" + PASS1_DIR
+        pass1 = out.join(PASS1_DIR)
+        ours = out.join(MANIFEST_DIR, STAGE_FILE).exists() or pass1.join(MANIFEST_DIR, STAGE_FILE).exists()
+        if out.is_dir() and not ours and (out.list_files() or pass1.exists()):
+            raise OutputConflict(f"output {out.uri()!r} is not empty and is not an ovpipe caption output; "
+                                 "choose an empty or new folder.")
+        if overwrite and ours:
+            _clear(out, keep_captions=self._captions_still_valid(input, pass1, cfg, filesystem))
+        if cfg.caption.backend == "vllm":  # the engine actors are the parallelism: one shard at a time
+            cfg = copy.deepcopy(cfg)
+            cfg.run.executor = "local"
+        first = run_stage(CaptionStage(), input, pass1_out, cfg, filesystem=filesystem, quiet=quiet)
+        second = run_stage(CaptionDedupStage(), pass1_out, output, cfg, filesystem=filesystem, quiet=quiet)
+        reasons = dict(first.dropped_by_reason)
+        for k, v in second.dropped_by_reason.items():
+            reasons[k] = reasons.get(k, 0) + v
+        summary = StageSummary(
+            stage=self.name, output=out.uri(), config_hash=second.config_hash, shards=second.shards,
+            shards_skipped=first.shards_skipped, input_rows=first.input_rows, kept_rows=second.kept_rows,
+            dropped_rows=first.dropped_rows + second.dropped_rows, dropped_by_reason=dict(sorted(reasons.items())),
+            seconds=round(first.seconds + second.seconds, 3))
+        check_accounting(summary)
+        write_json(out.join(MANIFEST_DIR, SUMMARY_FILE), summary.to_json())
+        return summary
+
+    @staticmethod
+    def _captions_still_valid(input: str, pass1: Location, cfg: Config, filesystem) -> bool:
+        """--overwrite after a change of dedup settings only: keep the (costly) captions."""
+        header = pass1.join(MANIFEST_DIR, STAGE_FILE)
+        if not header.exists():
+            return False
+        tasks = plan_tasks(CaptionStage(), cfg, Location.parse(input, filesystem), pass1)
+        return read_json(header).get("config_hash") == tasks[0].config_hash
+
+
+def _clear(out: Location, keep_captions: bool) -> None:
+    if not keep_captions:
+        out.delete_tree()
+        return
+    for info in out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False)):
+        if posixpath.basename(info.path) == PASS1_DIR:
+            continue
+        if info.type == pafs.FileType.Directory:
+            out.fs.delete_dir(info.path)
+        else:
+            out.fs.delete_file(info.path)
+
+
+def run_caption(input: str, output: str, cfg: Config, **kw: Any) -> StageSummary:
+    return CaptionRunner().run(input, output, cfg, **kw)

@@ -1,0 +1,244 @@
+"""Caption validity filter: per-sample checks, and the global duplicate pass.
+
+Per sample (``check_caption``), in this order, the first failing check is the ledger reason:
+
+``caption_empty``        nothing but whitespace / punctuation;
+``caption_truncated``    the server stopped at ``max_tokens`` (``finish_reason == "length"``);
+``caption_refusal``      an English or Chinese refusal near the start ("I'm sorry, I can't…",
+                         "As an AI…", "抱歉，我无法…", "作为一个人工智能…");
+``caption_repetition``   a generation loop: one unit repeated ``repeat_run`` times in a row, or
+                         fewer than ``min_distinct_ngram_ratio`` of the word (en) / character
+                         (zh) 4-grams distinct;
+``caption_wrong_script`` English asked, mostly CJK written; Chinese asked, mostly Latin written;
+``caption_too_short``    fewer than ``min_words`` English words / ``min_chars_zh`` CJK characters;
+``caption_too_long``     more than ``max_caption_tokens`` tokens.
+
+Tokens: with ``token_counter = "proxy"`` (default) each CJK character counts 1, each other word
+ceil(len/4) and each punctuation mark 1 — close to, and mostly above, what Qwen's BPE gives for
+English and Chinese prose. ``"hf:<folder>"`` counts with a local Hugging Face tokenizer instead.
+
+Global pass (``find_duplicates``), over every caption of the stage output:
+
+* exact duplicates: same ``caption_key`` (xxh3-64 of the normalised caption: NFKC, lower case,
+  punctuation and whitespace runs collapsed); the winner is the smallest (sample_hash,
+  sample_id, shard, row); every other row is ``duplicate_caption``;
+* near duplicates (when ``near_dup_threshold`` > 0): MinHash of word 3-shingles (en) /
+  character 3-shingles (zh), ``minhash_bands`` LSH bands. Within each band bucket the member
+  with the smallest key is the leader; any other member whose estimated Jaccard similarity to
+  a leader is >= the threshold is ``near_duplicate_caption``. The rule depends only on the set
+  of captions, never on their order, so any shard or worker count gives the same losers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterable
+
+import numpy as np
+import xxhash
+
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+LATIN = re.compile(r"[A-Za-z]")
+_WORD = re.compile(r"[^\W\d_]+|\d+", re.UNICODE)
+_TOKENS = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+|[^\w\s]", re.UNICODE)
+_PUNCT_SPACE = re.compile(r"[\W_]+", re.UNICODE)
+_RUN_SRC = r"(.{2,60}?)(?:[\s,，。.、;；!！]*\1){%d,}"  # a unit, then (repeats - 1) more copies
+
+REFUSALS_EN = (
+    r"^\W*(i'?m|i am) (sorry|afraid)", r"\bi (can ?not|can'?t|am unable to|'m unable to|am not able to) "
+    r"(help|assist|see|view|describe|provide|process|identify|determine|access)",
+    r"\bas an ai\b", r"\bas a (large )?language model\b", r"\bunable to (see|view|process|describe) (the|this|any) image",
+    r"\bno image (was|has been|is) (provided|attached|uploaded)",
+)
+REFUSALS_ZH = (
+    r"^\W*(抱歉|对不起|很抱歉|不好意思)", r"我(无法|不能|没法|不可以)(帮|协助|查看|看到|识别|描述|提供|处理)",
+    r"作为(一个)?(人工智能|AI|ai|语言模型)", r"(未|没有)(提供|上传)(任何)?图片",
+)
+
+
+@dataclass(frozen=True)
+class FilterRules:
+    min_words: int = 3
+    min_chars_zh: int = 5
+    max_caption_tokens: int = 1024
+    wrong_script_share: float = 0.5
+    repeat_run: int = 4
+    min_distinct_ngram_ratio: float = 0.5
+    refusal_window_chars: int = 160
+    token_counter: str = "proxy"
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower()
+    return _PUNCT_SPACE.sub(" ", text).strip()
+
+
+def caption_key(text: str) -> int:
+    """64-bit key of the normalised caption: equal keys = exact duplicates."""
+    return xxhash.xxh3_64_intdigest(normalise(text).encode("utf-8"))
+
+
+def proxy_token_count(text: str) -> int:
+    n = 0
+    for tok in _TOKENS.findall(text):
+        n += 1 if len(tok) == 1 else math.ceil(len(tok) / 4)
+    return n
+
+
+@lru_cache(maxsize=4)
+def token_counter(spec: str) -> Callable[[str], int]:
+    if spec == "proxy":
+        return proxy_token_count
+    if spec.startswith("hf:"):
+        from transformers import AutoTokenizer  # a local folder: no download
+
+        tok = AutoTokenizer.from_pretrained(spec[3:], local_files_only=True)
+        return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    raise ValueError(f"caption.token_counter must be 'proxy' or 'hf:<tokenizer folder>', got {spec!r}")
+
+
+def _units(text: str, language: str) -> list[str]:
+    """Words for English, CJK characters (and Latin words) for Chinese."""
+    norm = normalise(text)
+    if language == "zh":
+        return [t for t in _TOKENS.findall(norm) if t.strip()]
+    return _WORD.findall(norm)
+
+
+def _is_repetition(text: str, language: str, rules: FilterRules) -> str | None:
+    run = _RUN_PATTERNS(rules.repeat_run).search(text[:4000])  # bounded work on huge replies
+    if run:
+        return f"{run.group(1)!r} repeated {rules.repeat_run}+ times in a row"
+    units = _units(text, language)
+    grams = [tuple(units[i:i + 4]) for i in range(len(units) - 3)]
+    if len(grams) >= 12:
+        ratio = len(set(grams)) / len(grams)
+        if ratio < rules.min_distinct_ngram_ratio:
+            return f"only {ratio:.0%} of 4-grams distinct"
+    return None
+
+
+@lru_cache(maxsize=8)
+def _RUN_PATTERNS(repeats: int) -> re.Pattern:
+    return re.compile(_RUN_SRC % (repeats - 1), re.DOTALL)
+
+
+@lru_cache(maxsize=2)
+def _refusal_pattern(language: str) -> re.Pattern:
+    return re.compile("|".join(REFUSALS_EN + REFUSALS_ZH), re.IGNORECASE)
+
+
+def check_caption(text: str | None, finish_reason: str, language: str, rules: FilterRules) -> tuple[str, str] | None:
+    """None if the caption is valid, else (ledger reason, detail)."""
+    text = (text or "").strip()
+    if not normalise(text):
+        return "caption_empty", f"caption {text[:40]!r} has no words"
+    if finish_reason == "length":
+        return "caption_truncated", "finish_reason 'length': cut off at max_tokens"
+    head = text[: rules.refusal_window_chars]
+    refusal = _refusal_pattern(language).search(head)
+    if refusal:
+        return "caption_refusal", f"refusal phrase {refusal.group(0)!r}"
+    loop = _is_repetition(text, language, rules)
+    if loop:
+        return "caption_repetition", loop
+    cjk, latin = len(CJK.findall(text)), len(LATIN.findall(text))
+    if cjk + latin:
+        if language == "en" and cjk / (cjk + latin) > rules.wrong_script_share:
+            return "caption_wrong_script", f"English asked; {cjk} CJK vs {latin} Latin letters"
+        if language == "zh" and cjk / (cjk + latin) < 1 - rules.wrong_script_share:
+            return "caption_wrong_script", f"Chinese asked; {cjk} CJK vs {latin} Latin letters"
+    if language == "zh" and cjk < rules.min_chars_zh:
+        return "caption_too_short", f"{cjk} CJK characters < {rules.min_chars_zh}"
+    if language == "en" and len(_WORD.findall(text)) < rules.min_words:
+        return "caption_too_short", f"{len(_WORD.findall(text))} words < {rules.min_words}"
+    n = token_counter(rules.token_counter)(text)
+    if n > rules.max_caption_tokens:
+        return "caption_too_long", f"{n} tokens ({rules.token_counter}) > {rules.max_caption_tokens}"
+    return None
+
+
+# --- near-duplicate signatures -----------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+@lru_cache(maxsize=4)
+def _perms(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed xor masks and odd multipliers: one cheap 64-bit hash family member per row."""
+    rng = np.random.default_rng(0x0CA9)
+    xors = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    mults = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return xors, mults
+
+
+def shingles(text: str, language: str, k: int = 3) -> set[str]:
+    units = _units(text, language)
+    if len(units) < k:
+        return {" ".join(units)}
+    return {" ".join(units[i:i + k]) for i in range(len(units) - k + 1)}
+
+
+def minhash(text: str, language: str, num_perm: int) -> np.ndarray:
+    """uint32[num_perm] MinHash signature of the caption's shingles."""
+    hashes = np.fromiter((xxhash.xxh3_64_intdigest(s.encode("utf-8")) for s in shingles(text, language)),
+                         dtype=np.uint64)
+    xors, mults = _perms(num_perm)
+    with np.errstate(over="ignore"):
+        mixed = ((hashes[None, :] ^ xors[:, None]) * mults[:, None]) >> np.uint64(32)
+    return mixed.min(axis=1).astype(np.uint32)
+
+
+def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """uint64[n, bands]: one bucket key per LSH band (band index mixed in)."""
+    n, num_perm = signatures.shape
+    rows = num_perm // bands
+    out = np.empty((n, bands), dtype=np.uint64)
+    for b in range(bands):
+        chunk = np.ascontiguousarray(signatures[:, b * rows:(b + 1) * rows])
+        out[:, b] = [xxhash.xxh3_64_intdigest(c.tobytes(), seed=b) for c in chunk]
+    return out
+
+
+# --- the global pass ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaptionRef:
+    """One caption as the global pass sees it; ``order`` is the winner key (smallest wins)."""
+
+    order: tuple  # (sample_hash, sample_id, shard, row)
+    key: int
+
+
+def exact_duplicates(refs: Iterable[CaptionRef]) -> dict[tuple, tuple]:
+    """{loser order: winner order} for every caption whose normalised text is not unique."""
+    winners: dict[int, tuple] = {}
+    members: dict[int, list[tuple]] = {}
+    for r in refs:
+        members.setdefault(r.key, []).append(r.order)
+        if r.key not in winners or r.order < winners[r.key]:
+            winners[r.key] = r.order
+    return {o: winners[k] for k, orders in members.items() if len(orders) > 1 for o in orders if o != winners[k]}
+
+
+def near_duplicate_candidates(orders: list[tuple], bands: np.ndarray) -> dict[tuple, set[tuple]]:
+    """{member: leaders it shares a band bucket with}, leaders being each bucket's smallest order."""
+    leader: dict[int, tuple] = {}
+    for i, o in enumerate(orders):
+        for key in bands[i].tolist():
+            if key not in leader or o < leader[key]:
+                leader[key] = o
+    out: dict[tuple, set[tuple]] = {}
+    for i, o in enumerate(orders):
+        for key in bands[i].tolist():
+            if leader[key] != o:
+                out.setdefault(o, set()).add(leader[key])
+    return out
+
+
+def jaccard_estimate(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a == b))
