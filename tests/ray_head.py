@@ -89,7 +89,7 @@ def ray_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def submit_job(dashboard: str, *entrypoint: str, working_dir: str, timeout: float = 600,
-               agent_wait_s: float = 90) -> subprocess.CompletedProcess:
+               agent_wait_s: float = 300) -> subprocess.CompletedProcess:
     """`ray job submit ... -- <entrypoint>`, retried while the head's job agent is still starting
     (the dashboard answers a few seconds before the agent accepts jobs)."""
     deadline = time.monotonic() + agent_wait_s

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 from tests.ray_head import ray_head, submit_job
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_ray_job_submit_runs_ingest(demo_raw, tmp_path):
     out = tmp_path / "out"
     with ray_head() as head:
