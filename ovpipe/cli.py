@@ -39,6 +39,12 @@ def _caption():
     return CaptionRunner()
 
 
+def _balance():
+    from curation.balance import BalanceStage
+
+    return BalanceStage()
+
+
 COMMON_SHORTCUTS = {"--workers": ("run.workers", int), "--seed": ("run.seed", int)}
 
 STAGES: dict[str, StageCommand] = {
@@ -52,6 +58,12 @@ STAGES: dict[str, StageCommand] = {
         _caption,
         {"--backend": ("caption.backend", str), "--base-url": ("caption.base_url", str),
          "--model": ("caption.model", str), "--zh-share": ("caption.zh_share", float)},
+    ),
+    "balance": StageCommand(
+        "concept assignments -> concept-balanced selection (inverse_frequency or metaclip) + report",
+        _balance,
+        {"--mode": ("balance.mode", str), "--target": ("balance.target", int),
+         "--fraction": ("balance.fraction", float), "--threshold": ("balance.threshold", float)},
     ),
 }
 

@@ -170,11 +170,46 @@ class CaptionSection(Section):
         return value
 
 
+class BalanceSection(Section):
+    """Concept-balanced sampling (curation/balance.py, docs/sampling.md)."""
+
+    mode: Literal["inverse_frequency", "metaclip"] = Field(
+        "inverse_frequency",
+        description="inverse_frequency: exactly N images drawn without replacement by the inverse "
+        "frequencies of their concepts (LLaVA-OneVision-1.5); metaclip: keep with probability "
+        "1 - prod(1 - t / max(count, t)) (MetaCLIP), size follows from t.",
+    )
+    target: int = Field(0, ge=0, description="Images to select (metaclip: expected size, t solved); 0 = unset.")
+    fraction: float = Field(0.0, ge=0, le=1, description="Share of the usable input to select; 0 = unset.")
+    threshold: float = Field(0.0, ge=0, description="metaclip only: the threshold t; 0 = unset.")
+    weighting: Literal["mean", "sum", "max", "score_weighted"] = Field(
+        "mean",
+        description="inverse_frequency: how a sample's concepts' inverse counts make its weight "
+        "(score_weighted: weighted by the concept scores clipped at 0).",
+    )
+    top_k: int = Field(0, ge=0, description="Use the first top_k concepts of each sample; 0 = all of them.")
+    num_concepts: int = Field(
+        0, ge=0, description="Concept vocabulary size: larger ids are ledgered; 0 = any id below 2**24."
+    )
+    candidate_rows: int = Field(
+        1 << 20, gt=0, description="Rows gathered on the driver for the exact cut-off (memory bound).",
+        json_schema_extra=NOT_HASHED,
+    )
+    report_concepts: int = Field(
+        4, ge=0, description="Contact sheet: most and least frequent concepts shown (each).",
+        json_schema_extra=NOT_HASHED,
+    )
+    report_images: int = Field(
+        6, ge=0, description="Contact sheet: images per concept.", json_schema_extra=NOT_HASHED
+    )
+
+
 class Config(Section):
     run: RunSection = RunSection()
     ray: RaySection = RaySection()
     ingest: IngestSection = IngestSection()
     caption: CaptionSection = CaptionSection()
+    balance: BalanceSection = BalanceSection()
 
 
 class ConfigError(ValueError):

@@ -35,8 +35,20 @@ def _ingest(input: str, output: str, cfg: Config, overwrite: bool) -> StageSumma
     return run_stage(IngestStage(), input, output, cfg, overwrite=overwrite)
 
 
+def _balance(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
+    """Keeps half of the demo images unless the config sets a size; prints where the report is."""
+    from curation.balance import BalanceStage
+
+    b = cfg.balance
+    if not (b.target or b.fraction or b.threshold):
+        cfg = cfg.model_copy(update={"balance": b.model_copy(update={"fraction": 0.5})})
+    return BalanceStage().run(input, output, cfg, overwrite=overwrite)
+
+
 DEMO_STEPS: list[DemoStep] = [
     DemoStep("ingest", "raw", "ingest", _ingest),
+    # assign ("ingest" -> ... -> "assign") goes here, before balance
+    DemoStep("balance", "assign", "balance", _balance),
 ]
 
 
