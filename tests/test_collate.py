@@ -309,3 +309,42 @@ def test_decode_image_resizes_and_rejects_bad_sizes():
     assert x.shape == (3, 56, 84)
     with pytest.raises(PackMismatchError):
         decode_image(_png(0, 90, 60), (50, 84))
+
+
+def test_truncated_sample_and_packs_without_stored_ids(tok):
+    """The packer's 'truncate' policy keeps all images of a cut sample and stores the cut length;
+    the collator renders the whole conversation, applies the same truncate() and feeds only the
+    images that survived. With pack.store_token_ids=false (empty id lists) lengths are still checked."""
+    samples = demo_samples()
+    multi = samples[3]
+    rows = pack_rows([[samples[0], multi]], tok)
+    row = rows[0]
+    n0 = row["sample_lens"][0]
+    r = ptok.render_sample(multi["conv"], row["image_hw"][1:], tok)
+    first_pad = r.input_ids.index(tok.image_pad)
+    # cut inside the second image span: the whole span and everything after it go
+    second_start = [i for i, t in enumerate(r.input_ids) if t == tok.vision_start][1]
+    max_len = second_start + 3
+    cut, kept = ptok.truncate(r, max_len, tok)
+    assert kept == 1 and len(cut.input_ids) == second_start and first_pad < second_start
+    row["sample_lens"][1] = len(cut.input_ids)
+    row["input_ids"] = row["input_ids"][:n0] + cut.input_ids
+    row["loss_mask"] = row["loss_mask"][:n0] + cut.loss_mask
+    row["num_tokens"] = n0 + len(cut.input_ids)
+    with pytest.raises(PackMismatchError, match="tokens > max_len"):  # the whole pack is too long
+        PackCollator(tok, stage="2", max_len=max_len)(rows)
+    rows = [{**row, **{k: row[k][1:] for k in ("sample_ids", "sample_lens", "sources", "conversations")},
+             "images": row["images"][1:], "image_hw": row["image_hw"][1:], "image_sample": [0, 0],
+             "input_ids": row["input_ids"][n0:], "loss_mask": row["loss_mask"][n0:],
+             "num_tokens": len(cut.input_ids)}]
+    row = rows[0]
+    batch = PackCollator(tok, stage="2", max_len=max_len)(rows)
+    assert batch["grid_hw"].shape[0] == 1  # only the image before the cut reaches the ViT
+    assert (batch["input_ids"] == tok.image_pad).sum() * 4 == batch["pixel_values"].shape[0]
+    row["input_ids"], row["loss_mask"] = [], []
+    batch2 = PackCollator(tok, stage="2", max_len=max_len)(rows)
+    assert torch.equal(batch2["input_ids"], batch["input_ids"])
+    row["sample_lens"][0] -= 1
+    row["num_tokens"] -= 1
+    with pytest.raises(PackMismatchError, match="sample_lens"):
+        PackCollator(tok, stage="2", max_len=max_len)(rows)

@@ -95,8 +95,11 @@ class PackCollator:
     """Callable on a list of pack rows (dicts with PACK_SCHEMA fields)."""
 
     def __init__(self, tok: ptok.Tokenizer | None = None, stage: Stage | str = "1.5",
-                 check_loss_mask: bool = True):
+                 check_loss_mask: bool = True, system_prompt: str = ptok.DEFAULT_SYSTEM_PROMPT,
+                 max_len: int = 8192):
+        self.max_len = max_len  # the pack stage's pack.max_len (its truncate policy cuts there)
         self.tok = tok or ptok.load_tokenizer("qwen")
+        self.system_prompt = system_prompt  # must be the pack stage's pack.system_prompt
         self.stage = stage if isinstance(stage, Stage) else get_stage(stage)
         self.check_loss_mask = check_loss_mask
         self.pad_id = self.tok.special.get("<|endoftext|>", 0)
@@ -108,6 +111,12 @@ class PackCollator:
         lens = [int(n) for n in pack["sample_lens"]]
         ids_all, mask_all = pack["input_ids"], pack["loss_mask"]
         n = len(lens)
+        # pack.store_token_ids=false writes empty id / mask lists: then only lengths are checked
+        stored_ids = len(ids_all) > 0 or len(mask_all) > 0
+        if not stored_ids:
+            ids_all = mask_all = [0] * sum(lens)
+        if int(pack["num_tokens"]) > self.max_len:
+            raise PackMismatchError(f"pack {pid}: {pack['num_tokens']} tokens > max_len {self.max_len}")
         if not (sum(lens) == int(pack["num_tokens"]) == len(ids_all) == len(mask_all)):
             raise PackMismatchError(f"pack {pid}: sum(sample_lens)={sum(lens)}, num_tokens={pack['num_tokens']}, "
                                     f"len(input_ids)={len(ids_all)}, len(loss_mask)={len(mask_all)} differ")
@@ -127,24 +136,25 @@ class PackCollator:
             hws = [pack["image_hw"][k] for k in img_idx]
             try:
                 conv = json.loads(pack["conversations"][i])
-                r = ptok.render_sample(conv, hws, self.tok, loss_on=self.stage.loss_on)
+                r = ptok.render_sample(conv, hws, self.tok, loss_on=self.stage.loss_on,
+                                       system_prompt=self.system_prompt)
             except ValueError as e:
                 raise PackMismatchError(f"{where}: cannot render its conversation: {e}") from None
             kept = len(img_idx)
-            if len(r.input_ids) > lens[i]:  # the packer truncated this sample (overlong policy)
-                r, kept = ptok.truncate(r, lens[i], self.tok)
+            if len(r.input_ids) > self.max_len:  # the packer's 'truncate' policy cut it at max_len
+                r, kept = ptok.truncate(r, self.max_len, self.tok)
             if len(r.input_ids) != lens[i]:
                 raise PackMismatchError(
                     f"{where}: the collator renders {len(r.input_ids)} tokens but the pack stores "
                     f"sample_lens={lens[i]}; the pack was made with another tokenizer, chat template "
                     f"or image size rule. Re-pack with the trainer's tokenizer.")
             stored = list(ids_all[start:start + lens[i]])
-            if r.input_ids != stored:
+            if stored_ids and r.input_ids != stored:
                 j = _first_diff(r.input_ids, stored)
                 raise PackMismatchError(
                     f"{where}: token {j} differs (rendered {r.input_ids[j:j + 5]}..., pack has "
                     f"{stored[j:j + 5]}...); same length, different ids: another tokenizer or template.")
-            if self.check_loss_mask and r.loss_mask != list(mask_all[start:start + lens[i]]):
+            if stored_ids and self.check_loss_mask and r.loss_mask != list(mask_all[start:start + lens[i]]):
                 j = _first_diff(r.loss_mask, list(mask_all[start:start + lens[i]]))
                 raise PackMismatchError(
                     f"{where}: loss mask differs from the pack's at token {j}: the pack was made with "
