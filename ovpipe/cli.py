@@ -45,6 +45,12 @@ def _balance():
     return BalanceStage()
 
 
+def _pack():
+    from packing.stage import PackRunner
+
+    return PackRunner()
+
+
 COMMON_SHORTCUTS = {"--workers": ("run.workers", int), "--seed": ("run.seed", int)}
 
 STAGES: dict[str, StageCommand] = {
@@ -64,6 +70,13 @@ STAGES: dict[str, StageCommand] = {
         _balance,
         {"--mode": ("balance.mode", str), "--target": ("balance.target", int),
          "--fraction": ("balance.fraction", float), "--threshold": ("balance.threshold", float)},
+    ),
+    "pack": StageCommand(
+        "captioned samples / LLaVA conversations / (sample_id, num_tokens) -> packed Parquet shards of <= max-len tokens",
+        _pack,
+        {"--max-len": ("pack.max_len", int), "--max-samples-per-pack": ("pack.max_samples_per_pack", int),
+         "--buckets": ("pack.buckets", int), "--tokenizer": ("pack.tokenizer", str),
+         "--overlong": ("pack.overlong", str)},
     ),
 }
 

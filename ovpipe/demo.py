@@ -45,10 +45,18 @@ def _balance(input: str, output: str, cfg: Config, overwrite: bool) -> StageSumm
     return BalanceStage().run(input, output, cfg, overwrite=overwrite)
 
 
+def _pack(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
+    from packing.stage import PackRunner
+
+    return PackRunner().run(input, output, cfg, overwrite=overwrite)
+
+
 DEMO_STEPS: list[DemoStep] = [
     DemoStep("ingest", "raw", "ingest", _ingest),
     # assign ("ingest" -> ... -> "assign") goes here, before balance
     DemoStep("balance", "assign", "balance", _balance),
+    # caption ("balance" -> "caption") goes here, before pack
+    DemoStep("pack", "caption", "pack", _pack),
 ]
 
 

@@ -1,0 +1,620 @@
+"""`ovpipe pack`: samples -> packed training shards of at most ``pack.max_len`` tokens.
+
+Reads (one format per input file, detected from its name and columns):
+* caption shards (the caption stage's output, or any Parquet with ``caption`` + an image
+  reference ``image_uri``/``image_member``/``image_row`` + ``width``/``height``): one-turn
+  conversations, ``<image>`` + a per-language prompt as the user turn, the caption as the answer;
+* LLaVA conversation data: ``.json`` (a list of records) or ``.jsonl`` files with
+  ``{"id", "image": path | [paths] (optional), "conversations": [{"from", "value"}, ...]}``,
+  images read from ``pack.image_folder`` (default: the file's folder); or Parquet with a
+  ``conversations`` column (list of {from, value} structs, or JSON text) and images as bytes
+  (``image``/``images``: binary, Hugging Face {bytes, path} structs, or lists of them) or paths;
+* any Parquet with ``num_tokens`` (and ``sample_id``): lengths used as they are, nothing rendered.
+
+Writes (docs/data-contracts.md):
+* ``OUT/bucket-XXXXX.parquet``: one row per pack, PACK_SCHEMA (packing/schema.py), self-contained;
+* ``OUT/_manifest/bucket-XXXXX.json``: commit record of one bucket; ``_stage.json``, ``_summary.json``;
+* ``OUT/pack_stats.json`` + ``OUT/pack_stats.png``: counts, lower bound, fill, histograms;
+* ``OUT/_staged/``: pass 1's output (a run_stage output with its own manifest and the ledger of
+  dropped samples, stage ``pack``): per input shard a small index and ``_payload/<shard>.parquet``
+  with the rendered samples, one row group per bucket.
+
+How it runs: pass 1 is run_stage (one Ray task per input shard: render, measure, fetch images,
+ledger overlong and bad samples, write rows grouped by bucket = sample_hash mod B). Pass 2 is one
+Ray task per bucket: read that bucket's row group of every staged payload (sorted by shard name),
+pack from the length histogram (packing/pack.py), write the bucket's pack shard, then commit its
+manifest entry. Resume skips committed shards and buckets. Accounting: inputs = packed + ledgered.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import time
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from ovpipe.config import Config, config_hash
+from ovpipe.images import BadImage, fetch_image_bytes, probe_image
+from ovpipe.ledger import AccountingError, Ledger
+from ovpipe.shards import (
+    MANIFEST_DIR,
+    PARQUET_WRITE_OPTIONS,
+    SUMMARY_FILE,
+    Location,
+    read_json,
+    read_manifest_entries,
+    write_bytes_atomic,
+    write_json,
+    write_table,
+)
+from ovpipe.stage import ShardOutput, ShardTask, StageSummary, open_output, run_stage
+from packing import tokenizer as ptok
+from packing.pack import lower_bound, pack_lengths
+from packing.schema import PACK_SCHEMA, PACK_SCHEMA_VERSION
+
+STAGED_DIR = "_staged"
+PAYLOAD_DIR = "_payload"
+STATS_FILE = "pack_stats.json"
+HIST_BINS = 64  # length / fill histograms: max_len split into 64 equal bins
+
+STAGED_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("sample_hash", pa.uint64(), nullable=False),
+        pa.field("bucket", pa.int32(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("image_tokens", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("conversation", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("loss_mask", pa.list_(pa.uint8()), nullable=False),
+        pa.field("images", pa.list_(pa.binary()), nullable=False),
+        pa.field("image_hw", pa.list_(pa.list_(pa.int32())), nullable=False),
+    ]
+)
+INDEX_COLUMNS = ["sample_id", "sample_hash", "bucket", "num_tokens", "image_tokens", "truncated"]
+
+
+class SampleError(ValueError):
+    """A sample that cannot be packed; becomes a ledger row with this reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _hash_id(sample_id: str) -> int:
+    return xxhash.xxh3_64_intdigest(sample_id.encode("utf-8"))
+
+
+# ------------------------------------------------------------------ readers
+# Each yields dicts: locator, sample_id, sample_hash, source, and either num_tokens (lengths only)
+# or conversations + images (bytes) + sizes ((h, w) before resize); or an "error" SampleError.
+
+
+def _read_lengths(pf: pq.ParquetFile, uri: str, source: str) -> Iterator[dict]:
+    names = pf.schema_arrow.names
+    if "sample_id" not in names:
+        raise ValueError(f"{uri}: a num_tokens input needs a sample_id column too (has {names})")
+    cols = [c for c in ("sample_id", "sample_hash", "num_tokens", "source") if c in names]
+    row = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=65536):
+        d = batch.to_pydict()
+        for i in range(batch.num_rows):
+            sid = d["sample_id"][i]
+            rec = {"locator": f"{uri}#row={row}", "sample_id": sid, "num_tokens": d["num_tokens"][i],
+                   "source": (d.get("source") or [None] * batch.num_rows)[i] or source}
+            h = d["sample_hash"][i] if "sample_hash" in d else None
+            rec["sample_hash"] = h if h is not None else (_hash_id(sid) if sid else 0)
+            if not sid:
+                rec["error"] = SampleError("missing_sample_id", "sample_id is null or empty")
+            yield rec
+            row += 1
+
+
+def _read_captions(pf: pq.ParquetFile, uri: str, source: str, cfg, filesystem) -> Iterator[dict]:
+    names = pf.schema_arrow.names
+    cols = [c for c in ("sample_id", "sample_hash", "source", "image_uri", "image_member", "image_row",
+                        "width", "height", "caption", "language") if c in names]
+    row = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=256):
+        table = pa.Table.from_batches([batch])
+        images = fetch_image_bytes(table.select(["image_uri", "image_member", "image_row"]), filesystem)
+        d = table.to_pydict()
+        for i in range(batch.num_rows):
+            sid, caption = d["sample_id"][i], d["caption"][i]
+            prompt = cfg.caption_prompt_zh if d.get("language", [None] * len(images))[i] == "zh" else cfg.caption_prompt_en
+            rec = {"locator": f"{uri}#row={row}", "sample_id": sid,
+                   "sample_hash": d["sample_hash"][i] if "sample_hash" in d else _hash_id(sid or ""),
+                   "source": d["source"][i] if "source" in d and d["source"][i] else source,
+                   "conversations": [{"from": "human", "value": "<image>\n" + prompt},
+                                     {"from": "gpt", "value": caption}],
+                   "images": [images[i]], "sizes": [(d["height"][i], d["width"][i])]}
+            if not isinstance(caption, str) or not caption.strip():
+                rec["error"] = SampleError("empty_caption", "caption is null or blank")
+            elif images[i] is None:
+                rec["error"] = SampleError("missing_image", f"cannot read image {d['image_uri'][i]!r}")
+            yield rec
+            row += 1
+
+
+def _image_root(task: ShardTask, cfg) -> Location:
+    if cfg.image_folder:
+        return Location.parse(cfg.image_folder, None if "://" in cfg.image_folder else
+                              (task.input.fs if not task.input.is_local else None))
+    return Location(task.input.fs, posixpath.dirname(task.input.path))
+
+
+def _load_path(root: Location, rel: str) -> bytes:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in rel.split("/"):
+        raise SampleError("bad_image_path", f"image path {rel!r} must be relative, inside the image folder")
+    loc = root.join(rel)
+    try:
+        return loc.read_bytes()
+    except (OSError, ValueError) as e:
+        raise SampleError("missing_image", f"{loc.uri()}: {e}") from None
+
+
+def _conversation_record(rec: dict, images: list, root: Location, locator: str, source: str) -> dict:
+    """A LLaVA record (dict) -> a reader dict; images: bytes or relative paths."""
+    out = {"locator": locator, "source": source}
+    try:
+        conv = rec.get("conversations")
+        if isinstance(conv, str):
+            conv = json.loads(conv)
+        if not isinstance(conv, list):
+            raise SampleError("bad_conversation", "no 'conversations' list")
+        conv = [{"from": t.get("from", t.get("role")), "value": t.get("value", t.get("content"))}
+                if isinstance(t, dict) else t for t in conv]
+        data = [_load_path(root, im) if isinstance(im, str) else im for im in images]
+        if any(not isinstance(b, (bytes, bytearray)) for b in data):
+            raise SampleError("missing_image", "an image is null")
+        out["conversations"], out["images"] = conv, [bytes(b) for b in data]
+        canonical = json.dumps(conv, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        digest = xxhash.xxh3_64(canonical.encode("utf-8"))
+        for b in out["images"]:
+            digest.update(xxhash.xxh3_64_digest(b))
+        out["sample_id"], out["sample_hash"] = digest.hexdigest(), digest.intdigest()
+    except SampleError as e:
+        out.update(sample_id=None, sample_hash=0, error=e)
+    except (ValueError, TypeError, AttributeError) as e:
+        out.update(sample_id=None, sample_hash=0, error=SampleError("bad_conversation", str(e)[:200]))
+    return out
+
+
+def _record_images(rec: dict) -> list:
+    img = rec.get("image", rec.get("images"))
+    if img is None:
+        return []
+    return list(img) if isinstance(img, (list, tuple)) else [img]
+
+
+def _read_llava_json(task: ShardTask, cfg, source: str) -> Iterator[dict]:
+    uri = task.input.uri()
+    root = _image_root(task, cfg)
+    text = task.input.read_bytes().decode("utf-8")
+    if task.input.path.endswith(".jsonl"):
+        records: list = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                records.append(SampleError("bad_record", f"not JSON: {e}"))
+    else:
+        records = json.loads(text)
+        if not isinstance(records, list):
+            raise ValueError(f"{uri}: a LLaVA .json file holds a list of records")
+    for row, rec in enumerate(records):
+        locator = f"{uri}#row={row}"
+        if not isinstance(rec, dict):
+            err = rec if isinstance(rec, SampleError) else SampleError("bad_record", "record is not an object")
+            yield {"locator": locator, "sample_id": None, "sample_hash": 0, "source": source, "error": err}
+            continue
+        yield _conversation_record(rec, _record_images(rec), root, locator, source)
+
+
+def _parquet_images(value) -> list:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [v.get("bytes") or v.get("path") if isinstance(v, dict) else v for v in items]
+
+
+def _read_conversation_parquet(pf: pq.ParquetFile, task: ShardTask, cfg, source: str) -> Iterator[dict]:
+    uri = task.input.uri()
+    root = _image_root(task, cfg)
+    names = pf.schema_arrow.names
+    image_col = next((c for c in ("images", "image") if c in names), None)
+    cols = [c for c in ("conversations", image_col, "source") if c]
+    row = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=256):
+        for rec in batch.to_pylist():
+            images = _parquet_images(rec.get(image_col)) if image_col else []
+            yield _conversation_record(rec, images, root, f"{uri}#row={row}", rec.get("source") or source)
+            row += 1
+
+
+# ------------------------------------------------------------------ pass 1
+
+
+class PackPrepStage:
+    """Pass 1 (run_stage): one input shard -> rendered samples grouped by bucket + ledger."""
+
+    name = "pack"
+    config_sections = ("pack", "run")
+    schema_version = 1
+    input_suffixes = (".parquet", ".jsonl", ".json")
+
+    def prepare(self, shards: list[Location], cfg: Config) -> dict[str, Any]:
+        p = cfg.pack
+        tok = ptok.load_tokenizer(p.tokenizer)
+        return ptok.template_identity(tok, p.min_pixels, p.max_pixels, p.loss_on, p.system_prompt)
+
+    def _records(self, task: ShardTask) -> tuple[Iterator[dict], str]:
+        from curation.ingest import default_source
+
+        cfg = task.config.pack
+        source = cfg.source or default_source(task)
+        if task.input.path.endswith((".json", ".jsonl")):
+            return _read_llava_json(task, cfg, source), "conversations"
+        f = task.input.fs.open_input_file(task.input.path)
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if "num_tokens" in names:
+            return _read_lengths(pf, task.input.uri(), source), "lengths"
+        if "conversations" in names:
+            return _read_conversation_parquet(pf, task, cfg, source), "conversations"
+        if "caption" in names and "image_uri" in names:
+            fs = None if task.input.is_local else task.input.fs
+            return _read_captions(pf, task.input.uri(), source, cfg, fs), "captions"
+        raise ValueError(
+            f"{task.input.uri()}: cannot tell what this is (columns {names}). ovpipe pack reads caption "
+            "shards (caption + image_uri/width/height), conversation data (conversations [+ image/images]) "
+            "or precomputed lengths (sample_id + num_tokens)."
+        )
+
+    def process(self, task: ShardTask) -> ShardOutput:
+        cfg = task.config.pack
+        tok = ptok.load_tokenizer(cfg.tokenizer)
+        ledger = Ledger(self.name)
+        rows: dict[str, list] = {f.name: [] for f in STAGED_SCHEMA}
+        records, _kind = self._records(task)
+        n_in = 0
+        for rec in records:
+            n_in += 1
+            try:
+                if "error" in rec:
+                    raise rec["error"]
+                sample = self._sample(rec, cfg, tok)
+            except SampleError as e:
+                ledger.drop(rec["locator"], e.reason, e.detail, rec.get("sample_id"))
+                continue
+            h = int(rec["sample_hash"])
+            sample.update(sample_id=rec["sample_id"], sample_hash=h, bucket=h % cfg.buckets, source=rec["source"])
+            for k in rows:
+                rows[k].append(sample[k])
+        table = pa.Table.from_pydict(rows, schema=STAGED_SCHEMA)
+        # Group by bucket (stable: input order within a bucket), one row group per bucket.
+        table = table.take(np.argsort(np.asarray(table.column("bucket")), kind="stable"))
+        _write_payload(task.output_root.join(PAYLOAD_DIR, f"{task.shard}.parquet"), table)
+        return ShardOutput(table.select(INDEX_COLUMNS), ledger, n_in)
+
+    @staticmethod
+    def _sample(rec: dict, cfg, tok: ptok.Tokenizer) -> dict:
+        empty = {"image_tokens": 0, "truncated": False, "conversation": "", "input_ids": [], "loss_mask": [],
+                 "images": [], "image_hw": []}
+        if "num_tokens" in rec:
+            n = rec["num_tokens"]
+            if not isinstance(n, int) or n <= 0:
+                raise SampleError("bad_num_tokens", f"num_tokens {n!r} is not a positive integer")
+            if n > cfg.max_len:
+                raise SampleError("overlong", f"{n} tokens > max_len {cfg.max_len} (precomputed lengths "
+                                  "cannot be truncated)")
+            return {**empty, "num_tokens": n}
+        images, sizes = rec["images"], rec.get("sizes")
+        if len(images) > cfg.max_images_per_sample:
+            raise SampleError("too_many_images", f"{len(images)} > {cfg.max_images_per_sample}")
+        hw = []
+        for k, data in enumerate(images):
+            if sizes is None or sizes[k][0] is None:
+                try:
+                    info = probe_image(data, cfg.max_image_bytes, 1 << 31)
+                except BadImage as e:
+                    raise SampleError(e.reason, e.detail) from None
+                h, w = info.height, info.width
+            else:
+                if len(data) > cfg.max_image_bytes:
+                    raise SampleError("image_too_large", f"{len(data):,} bytes > {cfg.max_image_bytes:,}")
+                h, w = int(sizes[k][0]), int(sizes[k][1])
+            try:
+                hw.append(ptok.smart_resize(h, w, cfg.min_pixels, cfg.max_pixels))
+            except ValueError as e:
+                raise SampleError("bad_image_size", str(e)) from None
+        conv = rec["conversations"]
+        if cfg.system_prompt != ptok.DEFAULT_SYSTEM_PROMPT and not (
+                conv and isinstance(conv[0], dict) and conv[0].get("from") == "system"):
+            conv = [{"from": "system", "value": cfg.system_prompt}] + conv  # stored as rendered
+        try:
+            r = ptok.render_sample(conv, hw, tok, loss_on=cfg.loss_on)
+        except ValueError as e:
+            reason = "image_count_mismatch" if "placeholders" in str(e) else "bad_conversation"
+            raise SampleError(reason, str(e)[:300]) from None
+        truncated = len(r) > cfg.max_len
+        if truncated:
+            if cfg.overlong == "drop":
+                raise SampleError("overlong", f"{len(r)} tokens > max_len {cfg.max_len}")
+            r, _kept = ptok.truncate(r, cfg.max_len, tok)
+            if r.loss_tokens == 0:
+                raise SampleError("overlong", f"truncated to {len(r)} tokens, no trained token is left")
+        store = cfg.store_token_ids
+        return {
+            "num_tokens": len(r), "truncated": truncated,
+            "image_tokens": sum(ptok.image_tokens(h, w) for h, w in hw[: r.num_images]),
+            "conversation": json.dumps(conv, ensure_ascii=False),
+            "input_ids": r.input_ids if store else [], "loss_mask": r.loss_mask if store else [],
+            # All of a truncated sample's images are kept: the collator renders the whole
+            # conversation, then applies the same truncate().
+            "images": images, "image_hw": [list(x) for x in hw],
+        }
+
+
+def _write_payload(dest: Location, table: pa.Table) -> None:
+    """One row group per bucket, so pass 2 reads only its bucket from every staged shard."""
+    buckets = np.asarray(table.column("bucket"))
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]]) if len(buckets) else np.zeros(0, int)
+    groups = {int(buckets[s]): i for i, s in enumerate(starts)}
+    schema = table.schema.with_metadata({b"ovpipe.bucket_row_groups": json.dumps(groups).encode()})
+    sink = io.BytesIO()
+    opts = {k: v for k, v in PARQUET_WRITE_OPTIONS.items() if k != "row_group_size"}
+    with pq.ParquetWriter(sink, schema, **opts) as w:
+        bounds = list(starts) + [len(buckets)]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            w.write_table(table.slice(int(s), int(e - s)).replace_schema_metadata(schema.metadata),
+                          row_group_size=max(int(e - s), 1))
+    write_bytes_atomic(dest, sink.getvalue())
+
+
+# ------------------------------------------------------------------ pass 2
+
+
+def _read_bucket(payloads: list[Location], bucket: int) -> pa.Table:
+    parts = []
+    for loc in payloads:
+        with loc.fs.open_input_file(loc.path) as f:
+            pf = pq.ParquetFile(f)
+            groups = json.loads(pf.schema_arrow.metadata[b"ovpipe.bucket_row_groups"])
+            if str(bucket) in groups:
+                parts.append(pf.read_row_group(groups[str(bucket)]).replace_schema_metadata(None))
+    if not parts:
+        return STAGED_SCHEMA.empty_table()
+    return pa.concat_tables(parts).cast(STAGED_SCHEMA)
+
+
+def _list_of(values: pa.Array, offsets: np.ndarray) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+
+
+def _nested_offsets(col: pa.ChunkedArray, offsets: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+    """Flatten a per-sample list column (samples in pack order) and give per-pack offsets into it."""
+    arr = col.combine_chunks()
+    lens = np.asarray(arr.value_lengths().fill_null(0), dtype=np.int64)
+    inner = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=inner[1:])
+    return arr.flatten(), inner[offsets]
+
+
+def build_packs(samples: pa.Table, order: np.ndarray, offsets: np.ndarray, bucket: int, seed: int,
+                row_group: int) -> pa.Table:
+    """Pack rows (PACK_SCHEMA) from samples in pack order; packs sorted by pack_id."""
+    t = samples.take(order)
+    n_packs = len(offsets) - 1
+    ids = t.column("sample_id").to_pylist()
+    pack_ids = [xxhash.xxh3_64_hexdigest((f"{bucket}:{seed}:" + "\n".join(ids[offsets[p]:offsets[p + 1]])).encode())
+                for p in range(n_packs)]
+    lens = np.asarray(t.column("num_tokens"), dtype=np.int64)
+    tokens = np.add.reduceat(lens, offsets[:-1]) if n_packs else np.zeros(0, np.int64)
+    ids_flat, ids_off = _nested_offsets(t.column("input_ids"), offsets)
+    mask_flat, _ = _nested_offsets(t.column("loss_mask"), offsets)
+    img_flat, img_off = _nested_offsets(t.column("images"), offsets)
+    hw_flat, _ = _nested_offsets(t.column("image_hw"), offsets)
+    per_sample_imgs = np.asarray(t.column("images").combine_chunks().value_lengths(), dtype=np.int64)
+    owner = np.repeat(np.arange(len(t), dtype=np.int64), per_sample_imgs)
+    first_of_pack = np.repeat(offsets[:-1], np.diff(offsets))
+    image_sample = (owner - first_of_pack[owner]).astype(np.int32) if len(owner) else np.zeros(0, np.int32)
+    cols = {
+        "pack_id": pa.array(pack_ids, pa.string()),
+        "num_tokens": pa.array(tokens.astype(np.int32)),
+        "sample_ids": _list_of(t.column("sample_id").combine_chunks(), offsets),
+        "sample_lens": _list_of(t.column("num_tokens").combine_chunks(), offsets),
+        "input_ids": _list_of(ids_flat, ids_off),
+        "loss_mask": _list_of(mask_flat, ids_off),
+        "images": _list_of(img_flat, img_off),
+        "image_hw": _list_of(hw_flat, img_off),
+        "image_sample": _list_of(pa.array(image_sample, pa.int32()), img_off),
+        "sources": _list_of(t.column("source").combine_chunks(), offsets),
+        "conversations": _list_of(t.column("conversation").combine_chunks(), offsets),
+    }
+    table = pa.Table.from_pydict(cols, schema=PACK_SCHEMA)
+    return table.take(np.argsort(np.asarray(pack_ids, dtype=object), kind="stable"))
+
+
+def _hist(values: np.ndarray, max_len: int) -> list[int]:
+    edges = np.linspace(0, max_len, HIST_BINS + 1)
+    return np.histogram(values, bins=edges)[0].astype(int).tolist()
+
+
+def pack_bucket(bucket: int, payloads: list[Location], out: Location, cfg: Config, digest: str) -> dict:
+    """Pass 2 for one bucket: pack, write the bucket's shard, then commit its manifest entry."""
+    start = time.monotonic()
+    p = cfg.pack
+    samples = _read_bucket(payloads, bucket)
+    lens = np.asarray(samples.column("num_tokens"), dtype=np.int64)
+    img = np.asarray(samples.column("image_tokens"), dtype=np.int64)
+    res = pack_lengths(lens, p.max_len, max_items=p.max_samples_per_pack or None,
+                       sample_hash=np.asarray(samples.column("sample_hash")), seed=cfg.run.seed,
+                       image_tokens=img if p.spread_images and img.any() else None)
+    table = build_packs(samples, res.order, res.offsets, bucket, cfg.run.seed, p.packs_per_row_group)
+    name = f"bucket-{bucket:05d}"
+    sink = io.BytesIO()
+    opts = dict(PARQUET_WRITE_OPTIONS, row_group_size=p.packs_per_row_group)
+    pq.write_table(table, sink, **opts)
+    write_bytes_atomic(out.join(f"{name}.parquet"), sink.getvalue())
+    per_pack = np.diff(res.offsets)
+    entry = {
+        "shard": name, "bucket": bucket, "output": f"{name}.parquet", "ledger": None,
+        "input_rows": len(samples), "kept_rows": table.num_rows, "dropped_rows": 0, "dropped_by_reason": {},
+        "samples": len(samples), "packs": table.num_rows, "tokens": int(lens.sum()),
+        "truncated": int(np.asarray(samples.column("truncated")).sum()),
+        "max_pack_tokens": int(res.pack_tokens.max()) if len(per_pack) else 0,
+        "max_samples_in_pack": int(per_pack.max()) if len(per_pack) else 0,
+        "samples_per_pack": {str(k): int(v) for k, v in sorted(Counter(per_pack.tolist()).items())},
+        "length_hist": _hist(lens, p.max_len), "pack_tokens_hist": _hist(res.pack_tokens, p.max_len),
+        "config_hash": digest, "seconds": round(time.monotonic() - start, 3),
+    }
+    write_json(out.join(MANIFEST_DIR, f"{name}.json"), entry)  # the commit record, last
+    return entry
+
+
+# ------------------------------------------------------------------ the stage
+
+
+class PackRunner:
+    """What `ovpipe pack` runs: pass 1 into OUT/_staged (run_stage), pass 2 per bucket into OUT."""
+
+    name = "pack"
+
+    def run(self, input: str, output: str, cfg: Config, *, filesystem=None, overwrite: bool = False,
+            quiet: bool = False) -> StageSummary:
+        start = time.monotonic()
+        out = Location.parse(output, filesystem)
+        prep = PackPrepStage()
+        identity = prep.prepare([], cfg)
+        prep._prepared_digest = identity
+        payload = {"stage": "pack", "schema_version": PACK_SCHEMA_VERSION,
+                   "input": Location.parse(input, filesystem).uri(),
+                   "config": {"pack": cfg.pack.model_dump(exclude={"plot"}), "seed": cfg.run.seed},
+                   "global_state": identity}
+        digest = config_hash(payload)
+        open_output(out, payload, digest, overwrite)
+        first = run_stage(prep, input, out.join(STAGED_DIR).path if filesystem else _join(output, STAGED_DIR),
+                          cfg, filesystem=filesystem, quiet=quiet)
+        staged = out.join(STAGED_DIR)
+        staged_entries = read_manifest_entries(staged)
+        payloads = [staged.join(PAYLOAD_DIR, f"{s}.parquet") for s in sorted(staged_entries)]
+        # A bucket is done only if packed from exactly these staged shards with this config.
+        bucket_digest = config_hash({"stage": digest, "staged": {k: (e["kept_rows"], e["config_hash"])
+                                                                  for k, e in staged_entries.items()}})
+        done = {k for k, v in read_manifest_entries(out).items() if v.get("config_hash") == bucket_digest}
+        todo = [b for b in range(cfg.pack.buckets) if f"bucket-{b:05d}" not in done]
+        if todo:
+            self._execute(todo, payloads, out, cfg, bucket_digest, quiet)
+        entries = read_manifest_entries(out)
+        entries = {k: v for k, v in entries.items() if k.startswith("bucket-")}
+        stats = pack_stats(entries, first, cfg)
+        write_json(out.join(STATS_FILE), stats)
+        if cfg.pack.plot:
+            plot_stats(stats, out.join("pack_stats.png"))
+        packed = sum(e["samples"] for e in entries.values())
+        if packed != first.kept_rows or first.input_rows != first.kept_rows + first.dropped_rows:
+            raise AccountingError(f"pack: {first.input_rows} input samples, {first.kept_rows} staged, "
+                                  f"{packed} packed, {first.dropped_rows} ledgered: they must add up")
+        summary = StageSummary(
+            stage="pack", output=out.uri(), config_hash=digest, shards=len(entries),
+            shards_skipped=cfg.pack.buckets - len(todo), input_rows=first.input_rows, kept_rows=packed,
+            dropped_rows=first.dropped_rows, dropped_by_reason=first.dropped_by_reason,
+            seconds=round(time.monotonic() - start, 3))
+        write_json(out.join(MANIFEST_DIR, SUMMARY_FILE), summary.to_json())
+        return summary
+
+    @staticmethod
+    def _execute(todo: list[int], payloads: list[Location], out: Location, cfg: Config, digest: str,
+                 quiet: bool) -> None:
+        if cfg.run.executor == "local":
+            for b in todo:
+                pack_bucket(b, payloads, out, cfg, digest)
+            return
+        import ray
+
+        from ovpipe.raycluster import ensure_ray
+
+        ensure_ray(cfg)
+        workers = cfg.run.workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        remote = ray.remote(num_cpus=1, max_retries=3)(pack_bucket)
+        queue, in_flight = list(todo), []
+        while queue or in_flight:
+            while queue and len(in_flight) < workers:
+                in_flight.append(remote.remote(queue.pop(0), payloads, out, cfg, digest))
+            ready, in_flight = ray.wait(in_flight, num_returns=1)
+            ray.get(ready[0])  # a failed bucket raises here; committed buckets stay committed
+
+
+def _join(output: str, name: str) -> str:
+    return output.rstrip("/") + "/" + name
+
+
+def pack_stats(entries: dict[str, dict], first: StageSummary, cfg: Config) -> dict[str, Any]:
+    """Totals over buckets: the figures pack_stats.json reports."""
+    max_len = cfg.pack.max_len
+    samples = sum(e["samples"] for e in entries.values())
+    packs = sum(e["packs"] for e in entries.values())
+    tokens = sum(e["tokens"] for e in entries.values())
+    spp: Counter = Counter()
+    for e in entries.values():
+        spp.update({int(k): v for k, v in e["samples_per_pack"].items()})
+    reasons = first.dropped_by_reason
+    return {
+        "samples": samples, "packs": packs, "tokens": tokens, "max_len": max_len,
+        "buckets": cfg.pack.buckets,
+        "lower_bound": lower_bound(tokens, max_len),
+        "lower_bound_per_bucket_sum": sum(lower_bound(e["tokens"], max_len) for e in entries.values()),
+        "fill": round(tokens / (packs * max_len), 6) if packs else 0.0,
+        "compression": round(samples / packs, 4) if packs else 0.0,
+        "mean_sample_tokens": round(tokens / samples, 2) if samples else 0.0,
+        "max_pack_tokens": max((e["max_pack_tokens"] for e in entries.values()), default=0),
+        "max_samples_in_pack": max((e["max_samples_in_pack"] for e in entries.values()), default=0),
+        "samples_per_pack_hist": {str(k): spp[k] for k in sorted(spp)},
+        "overlong": {"dropped": int(reasons.get("overlong", 0)),
+                     "truncated": sum(e["truncated"] for e in entries.values()), "policy": cfg.pack.overlong},
+        "input_samples": first.input_rows, "ledgered": first.dropped_rows, "ledgered_by_reason": reasons,
+        "length_hist": [sum(h) for h in zip(*(e["length_hist"] for e in entries.values()))] if entries else [],
+        "pack_tokens_hist": [sum(h) for h in zip(*(e["pack_tokens_hist"] for e in entries.values()))] if entries else [],
+        "hist_bin_width": max_len / HIST_BINS,
+    }
+
+
+def plot_stats(stats: dict[str, Any], dest: Location) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = stats["hist_bin_width"]
+    x = np.arange(HIST_BINS) * width
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].bar(x, stats["length_hist"] or [0] * HIST_BINS, width=width, align="edge")
+    axes[0].set(title=f"sample lengths ({stats['samples']:,} samples)", xlabel="tokens", ylabel="samples")
+    axes[1].bar(x, stats["pack_tokens_hist"] or [0] * HIST_BINS, width=width, align="edge", color="tab:green")
+    axes[1].set(title=f"pack fill: {stats['fill']:.4f}, {stats['packs']:,} packs (bound {stats['lower_bound']:,})",
+                xlabel="tokens in pack", ylabel="packs")
+    spp = stats["samples_per_pack_hist"]
+    axes[2].bar([int(k) for k in spp], list(spp.values()), color="tab:orange")
+    axes[2].set(title=f"samples per pack (mean {stats['compression']:.2f})", xlabel="samples", ylabel="packs")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    write_bytes_atomic(dest, buf.getvalue())
+
+
+def run_pack(input: str, output: str, cfg: Config, **kw: Any) -> StageSummary:
+    return PackRunner().run(input, output, cfg, **kw)
