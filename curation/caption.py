@@ -82,7 +82,8 @@ PASS1_DIR = "_captions"
 LEDGER_STAGE = "caption"
 OUTPUT_COLUMNS = [pa.field("caption", pa.string()), pa.field("language", pa.string()),
                   pa.field("captioner", pa.string())]
-HELPER_COLUMNS = [pa.field("caption_key", pa.uint64()), pa.field("caption_minhash", pa.list_(pa.uint32()))]
+HELPER_COLUMNS = [pa.field("caption_key", pa.uint64()), pa.field("caption_minhash", pa.list_(pa.uint32())),
+                  pa.field("caption_locator", pa.string())]  # where pass 1 read the sample
 IMAGE_REF = ("image_uri", "image_member", "image_row")
 
 
@@ -367,7 +368,8 @@ class CaptionStage:
             sigs.append(minhash(ans.text, lang, c.minhash_perms).tolist())
         out = table.take(pa.array(keep, pa.int64()))
         who = captioner_id(c, self.vocabulary[2] if self.vocabulary else "")
-        columns = [captions, [languages[r] for r in keep], [who] * len(keep), keys, sigs]
+        columns = [captions, [languages[r] for r in keep], [who] * len(keep), keys, sigs,
+                   [f"{uri}#row={r}" for r in keep]]
         for f, values in zip(OUTPUT_COLUMNS + HELPER_COLUMNS, columns):
             out = out.append_column(f, pa.array(values, f.type))
         return ShardOutput(out, ledger, table.num_rows)
@@ -408,9 +410,10 @@ class CaptionDedupStage:
         losers = self.losers.get(task.input.path, {})
         ledger = Ledger(LEDGER_STAGE)
         ids = table.column("sample_id").to_pylist()
+        locators = table.column("caption_locator").to_pylist()  # the caption stage's input, not OUT/_captions
         for row in sorted(losers):
             reason, detail = losers[row]
-            ledger.drop(f"{task.input.uri()}#row={row}", reason, detail, ids[row])
+            ledger.drop(locators[row], reason, detail, ids[row])
         mask = np.ones(table.num_rows, dtype=bool)
         mask[list(losers)] = False
         out = table.filter(pa.array(mask)).drop_columns([f.name for f in HELPER_COLUMNS])

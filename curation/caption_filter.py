@@ -13,9 +13,10 @@ Per sample (``check_caption``), in this order, the first failing check is the le
 ``caption_too_short``    fewer than ``min_words`` English words / ``min_chars_zh`` CJK characters;
 ``caption_too_long``     more than ``max_caption_tokens`` tokens.
 
-Tokens: with ``token_counter = "proxy"`` (default) each CJK character counts 1, each other word
-ceil(len/4) and each punctuation mark 1 — close to, and mostly above, what Qwen's BPE gives for
-English and Chinese prose. ``"hf:<folder>"`` counts with a local Hugging Face tokenizer instead.
+Tokens: with ``token_counter = "proxy"`` (default) each CJK character counts 0.7, each digit and
+punctuation mark 1 and each other word ceil(len/6) — within about 0.8-1.3x of Qwen's BPE on
+English and Chinese prose (tests/test_caption_filter.py checks it). ``"qwen"`` (Qwen's BPE) or a local Hugging Face tokenizer folder
+counts with ``packing.tokenizer`` instead, the packer's own tokenizer.
 
 Global pass (``find_duplicates``), over every caption of the stage output:
 
@@ -44,7 +45,8 @@ import xxhash
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LATIN = re.compile(r"[A-Za-z]")
 _WORD = re.compile(r"[^\W\d_]+|\d+", re.UNICODE)
-_TOKENS = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+|[^\w\s]", re.UNICODE)
+_CJK_CLASS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKENS = re.compile(rf"[{_CJK_CLASS}]|\d|[^\W\d_{_CJK_CLASS}]+|[^\w\s]", re.UNICODE)
 _PUNCT_SPACE = re.compile(r"[\W_]+", re.UNICODE)
 _RUN_SRC = r"(.{2,60}?)(?:[\s,，。.、;；!！]*\1){%d,}"  # a unit, then (repeats - 1) more copies
 
@@ -83,22 +85,24 @@ def caption_key(text: str) -> int:
 
 
 def proxy_token_count(text: str) -> int:
-    n = 0
+    n = 0.0
     for tok in _TOKENS.findall(text):
-        n += 1 if len(tok) == 1 else math.ceil(len(tok) / 4)
-    return n
+        if CJK.match(tok):
+            n += 0.7  # Qwen's BPE merges common Chinese words: ~0.65 tokens per character
+        else:
+            n += 1 if len(tok) == 1 else math.ceil(len(tok) / 6)
+    return math.ceil(n)
 
 
 @lru_cache(maxsize=4)
 def token_counter(spec: str) -> Callable[[str], int]:
+    """'proxy', or anything packing.tokenizer.load_tokenizer takes ('qwen', a local HF folder)."""
     if spec == "proxy":
         return proxy_token_count
-    if spec.startswith("hf:"):
-        from transformers import AutoTokenizer  # a local folder: no download
+    from packing.tokenizer import load_tokenizer  # the packer's tokenizer: the same counts downstream
 
-        tok = AutoTokenizer.from_pretrained(spec[3:], local_files_only=True)
-        return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-    raise ValueError(f"caption.token_counter must be 'proxy' or 'hf:<tokenizer folder>', got {spec!r}")
+    tok = load_tokenizer(spec)
+    return lambda text: len(tok.encode_text(text))
 
 
 def _units(text: str, language: str) -> list[str]:

@@ -85,6 +85,26 @@ class IngestSection(Section):
         description="Images with more pixels are ledgered (too_many_pixels) before any decode.",
     )
     min_side: int = Field(1, ge=1, description="Images with a shorter side are ledgered (too_small).")
+    path_columns: list[str] = Field(
+        ["image_path", "path", "file_name", "filepath"],
+        description="Candidate names of an image-path column (Parquet without image bytes); relative "
+        "paths resolve against the Parquet file's folder.",
+    )
+    max_text_bytes: int = Field(
+        16 * 1024, gt=0, description="Longer original texts are cut to this many UTF-8 bytes."
+    )
+    verify: Literal["structure", "decode"] = Field(
+        "structure",
+        description="'structure': truncation checked from each format's end marker, decoding only "
+        "suspicious files; 'decode': fully decode every image (slower, strictest).",
+    )
+    dedup: bool = Field(
+        True, description="Exact dedup by sample_id over the whole input (and earlier runs' output)."
+    )
+    dedup_partitions: int = Field(
+        16, ge=1, description="Hash partitions of the dedup shuffle (reduce tasks).",
+        json_schema_extra=NOT_HASHED,
+    )
     batch_rows: int = Field(
         1024, gt=0, description="Rows read from an input shard at a time.", json_schema_extra=NOT_HASHED
     )
@@ -126,8 +146,8 @@ class CaptionSection(Section):
     min_words: int = Field(3, ge=0, description="English captions with fewer words: caption_too_short.")
     min_chars_zh: int = Field(5, ge=0, description="Chinese captions with fewer CJK characters: caption_too_short.")
     max_caption_tokens: int = Field(1024, gt=0, description="Longer captions: caption_too_long.")
-    token_counter: str = Field("proxy", description="'proxy' (CJK char = 1, word = ceil(len/4), "
-                               "punctuation = 1) or 'hf:<local tokenizer folder>'.")
+    token_counter: str = Field("proxy", description="'proxy' (CJK char 0.7, digit, punctuation 1, "
+                               "other word ceil(len/6)), 'qwen' (Qwen BPE) or a local HF tokenizer folder.")
     wrong_script_share: float = Field(0.5, gt=0, lt=1, description="Wrong script when the other "
                                       "script's share of letters exceeds this.")
     repeat_run: int = Field(4, ge=2, description="A unit repeated this many times in a row: caption_repetition.")
@@ -204,6 +224,90 @@ class BalanceSection(Section):
     )
 
 
+class EmbedSection(Section):
+    """Image embeddings with an open_clip model (curation/embed.py). The production default is
+    MetaCLIP-H/14-Full-CC2.5B: open_clip `ViT-H-14-quickgelu` + tag `metaclip_fullcc` (1024-d)."""
+
+    model: str = Field(
+        "ViT-H-14-quickgelu",
+        description="open_clip model name, or a built-in tiny config ('ovpipe-tiny-clip') for tests and the demo.",
+    )
+    pretrained: str = Field(
+        "metaclip_fullcc",
+        description="open_clip pretrained tag, a local checkpoint file (.pt/.bin/.safetensors), or "
+        "'random' (seeded random init, no download).",
+    )
+    init_seed: int = Field(0, ge=0, description="torch seed of the random init when pretrained = 'random'.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision; auto = bf16 on CUDA, fp32 on CPU. Output is float16 always."
+    )
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="Images with more pixels are ledgered (too_many_pixels) before decode."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = CUDA when the actor got a GPU.", json_schema_extra=NOT_HASHED
+    )
+    batch_size: int = Field(
+        256, gt=0, description="Images per forward pass; every pass is padded to this size, so an "
+        "image's embedding does not depend on its batch-mates. Halved on CUDA OOM.",
+        json_schema_extra=NOT_HASHED,
+    )
+    pool_size: int = Field(
+        0, ge=0, description="Embedding actors; 0 = one per GPU of the cluster (per num_gpus_per_actor), "
+        "or on CPU-only clusters CPUs / (num_cpus_per_actor + 1).", json_schema_extra=NOT_HASHED,
+    )
+    num_gpus_per_actor: float = Field(
+        1.0, ge=0, description="GPUs each actor requests when the cluster has GPUs (fractions share one).",
+        json_schema_extra=NOT_HASHED,
+    )
+    num_cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs each actor requests; also its torch thread count (rounded up)"
+        "; Ray sets OMP_NUM_THREADS from it.", json_schema_extra=NOT_HASHED,
+    )
+    decode_rows: int = Field(
+        64, gt=0, description="Images fetched and decoded per Ray Data block.", json_schema_extra=NOT_HASHED
+    )
+
+
+class AssignSection(Section):
+    """Top-k concepts per image (curation/assign.py) from a concept vocabulary embedded with the
+    embed model's text tower (curation/concepts.py)."""
+
+    vocabulary: str = Field(
+        "builtin",
+        description="'builtin' (about 1,300 bilingual everyday concepts), MetaCLIP's metadata.json "
+        "(JSON list of strings) or a text file with one concept per line. Concept id = row index.",
+    )
+    template: str = Field("{}", description="Prompt template for each concept; must contain '{}'.")
+    k: int = Field(5, ge=1, le=1024, description="Concepts per image.")
+    backend: Literal["auto", "faiss", "torch"] = Field(
+        "auto", description="Top-k search: FAISS inner product (GPU float16 index when faiss has GPUs), "
+        "torch matmul + topk, or auto (faiss on CPU; faiss-gpu, else torch, on CUDA).",
+    )
+    keep_embedding: bool = Field(False, description="Keep the embedding column in the output.")
+    cache_dir: str = Field(
+        "", description="Concept cache folder; empty = $OVPIPE_CACHE/concepts or ~/.cache/ovpipe/concepts.",
+        json_schema_extra=NOT_HASHED,
+    )
+    query_chunk: int = Field(
+        4096, gt=0, description="Queries per search call (bounds memory).", json_schema_extra=NOT_HASHED
+    )
+    text_batch_size: int = Field(
+        256, gt=0, description="Concepts per text-tower forward pass.", json_schema_extra=NOT_HASHED
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = CUDA when the actor got a GPU.", json_schema_extra=NOT_HASHED
+    )
+    pool_size: int = Field(
+        0, ge=0, description="Assign actors (each holds the index); 0 = one per GPU, else run.workers or "
+        "one per CPU.", json_schema_extra=NOT_HASHED,
+    )
+    num_gpus_per_actor: float = Field(
+        1.0, ge=0, description="GPUs each assign actor requests when the cluster has GPUs.",
+        json_schema_extra=NOT_HASHED,
+    )
+
+
 class PackSection(Section):
     """Offline packing (packing/stage.py): tokenizer, length rule, overlong policy, buckets."""
 
@@ -244,6 +348,8 @@ class Config(Section):
     run: RunSection = RunSection()
     ray: RaySection = RaySection()
     ingest: IngestSection = IngestSection()
+    embed: EmbedSection = EmbedSection()
+    assign: AssignSection = AssignSection()
     caption: CaptionSection = CaptionSection()
     balance: BalanceSection = BalanceSection()
     pack: PackSection = PackSection()

@@ -20,7 +20,8 @@ prompt -> Chinese caption). ``sample_key`` is the ``X-Request-Id`` header up to 
 (the caption client sends ``<sample_id>/<seed attempt>/<try>``), so tests can script answers per
 sample.
 
-Counters (``stats``): requests, in-flight now and at most, answers by kind, requests per sample.
+Counters (``stats``): requests, in-flight now and at most (hung requests excluded: their clients
+have timed out), answers by kind, requests per sample.
 
 Run it alone: ``python -m ovpipe.testing.chat_server --port 8000 --latency 0.2``.
 """
@@ -60,10 +61,24 @@ def default_reply(request: dict[str, Any], sample_key: str) -> tuple[str, str]:
                 prompt += part.get("text", "")
             elif part.get("type") == "image_url":
                 image = part.get("image_url", {}).get("url", "")
-    n = xxhash.xxh3_64_intdigest(image.encode()) % 10**9
+    h = xxhash.xxh3_64_intdigest(image.encode())
+    pick = [(h >> (8 * i)) % len(w) for i, w in enumerate(_WORDS)]
     if _CJK.search(prompt):
-        return f"这是一张编号为{n}的图片，画面中有简单的形状和鲜明的颜色，背景干净。", "stop"
-    return f"A picture numbered {n} that shows simple shapes in bright colours on a plain background.", "stop"
+        c, s, p, b = (_WORDS_ZH[i][j] for i, j in enumerate(pick))
+        return f"一个{c}的{s}{p}，背景是{b}，图片编号{h % 10**6}。", "stop"
+    c, s, p, b = (_WORDS[i][j] for i, j in enumerate(pick))
+    return f"A {c} {s} {p}, set against {b}; picture {h % 10**6}.", "stop"
+
+
+# (colour, shape, where, background) words, so default captions of different images differ a lot
+_WORDS = (["red", "green", "blue", "yellow", "purple", "orange", "black", "white"],
+          ["circle", "square", "triangle", "star", "ring", "cross", "heart"],
+          ["sits near the top", "fills the middle", "leans to the left", "hangs at the bottom", "floats right"],
+          ["a plain grey wall", "soft morning light", "a striped cloth", "dark wooden boards", "a sandy beach"])
+_WORDS_ZH = (["红色", "绿色", "蓝色", "黄色", "紫色", "橙色", "黑色", "白色"],
+             ["圆形", "正方形", "三角形", "星形", "圆环", "十字", "心形"],
+             ["位于画面上方", "占据画面中央", "偏向左侧", "靠近底部", "漂浮在右边"],
+             ["灰色墙面", "清晨柔和的光线", "条纹布料", "深色木板", "沙滩"])
 
 
 @dataclass
@@ -197,6 +212,7 @@ class ChatServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         b = self.behaviour
         key = request.headers.get("X-Request-Id", "").split("/", 1)[0]
+        counted = True
         with self._lock:
             self.stats.requests += 1
             self.stats.in_flight += 1
@@ -209,9 +225,11 @@ class ChatServer:
             kind = self._draw()
             with self._lock:
                 delay = b.latency_s + (self._rng.uniform(0, b.jitter_s) if b.jitter_s else 0.0)
+                if kind == "timeout":  # its client gives up long before: not counted as in flight
+                    self.stats.in_flight -= 1
+                    counted = False
+                self.stats.answers[kind] += 1  # counted when decided: hung ones never finish
             await asyncio.sleep(b.hang_s if kind == "timeout" else delay)
-            with self._lock:
-                self.stats.answers[kind] += 1
             if kind == "error":
                 with self._lock:
                     status = self._rng.choice(b.error_statuses)
@@ -234,8 +252,9 @@ class ChatServer:
                 "usage": {"prompt_tokens": 0, "completion_tokens": len(text.split()), "total_tokens": 0},
             })
         finally:
-            with self._lock:
-                self.stats.in_flight -= 1
+            if counted:
+                with self._lock:
+                    self.stats.in_flight -= 1
 
 
 def main() -> None:
