@@ -150,3 +150,45 @@ def test_refuses_other_schema_version(tmp_path):
     pq.write_table(pa.table({"pack_id": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="schema version"):
         PackStream(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_on_pack_stage_output(ray_address, tmp_path):
+    """End to end on the real pack stage's output (LLaVA JSONL with images -> `ovpipe pack` ->
+    PackStream through the manifest -> collator -> CPU train step): every pack's token counts equal
+    the packer's stored lengths and the step runs."""
+    import json
+
+    from tests.test_collate import _png, demo_samples
+
+    run_pack = pytest.importorskip("packing.stage").run_pack
+    from ovpipe.config import load_config
+
+    src = tmp_path / "llava"
+    (src / "images").mkdir(parents=True)
+    recs = []
+    for k, s in enumerate(demo_samples() * 2):
+        names = []
+        for j, data in enumerate(s["images"]):
+            names.append(f"{k}-{j}.png")
+            (src / "images" / names[-1]).write_bytes(_png(100 * k + j, 60 + 20 * j + k, 50 + 10 * k))
+        rec = {"id": f"{s['id']}-{k}", "conversations": s["conv"]}
+        if names:
+            rec["image"] = names if len(names) > 1 else names[0]
+        recs.append(rec)
+    (src / "part-0.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n")
+    out = tmp_path / "pack"
+    cfg = load_config(overrides=[f"pack.image_folder=\"{src / 'images'}\"", "pack.buckets=2", "pack.plot=false",
+                                 "pack.max_len=400", "pack.max_pixels=50176"])
+    run_pack(str(src), str(out), cfg, quiet=True)
+    stream = PackStream(str(out))
+    collate = PackCollator(stage="2", max_len=400)
+    n_samples = 0
+    for pack in stream.epoch(0):
+        batch = collate([pack])
+        seg = batch["segment_ids"][0]
+        assert [int((seg == j).sum()) for j in range(len(pack["sample_lens"]))] == pack["sample_lens"]
+        n_samples += len(pack["sample_ids"])
+    assert n_samples == len(recs)
+    hist = train_cpu(str(out), steps=2, stage="2", micro_batch=2, max_len=400, log=lambda s: None)
+    assert all(h["loss_tokens"] > 0 for h in hist)

@@ -48,13 +48,15 @@ DEFAULT_LR = {"vision": 2e-6, "projector": 1e-3, "llm": 1e-5}
 
 
 def train_cpu(packs: str, steps: int, stage: str = "1", micro_batch: int = 1, grad_accum: int = 1,
-              seed: int = 0, lr: dict[str, float] | None = None, model=None, log=print) -> list[dict]:
-    """Single-process training on CPU (tiny seeded model unless one is given)."""
+              seed: int = 0, lr: dict[str, float] | None = None, model=None, max_len: int = 8192,
+              log=print) -> list[dict]:
+    """Single-process training on CPU (tiny seeded model unless one is given). ``max_len``: the
+    pack stage's pack.max_len."""
     torch.manual_seed(seed)
     model = model or build_model(tiny_vision_config(), tiny_llm_config(), seed=seed)
     model.train()
     optimizer = make_optimizer(model, stage, lr or DEFAULT_LR)
-    collate = PackCollator(stage=get_stage(stage))
+    collate = PackCollator(stage=get_stage(stage), max_len=max_len)
     stream = PackStream(packs, seed=seed)
     batches = stream.batches(micro_batch)
     history = []
@@ -75,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stage", default="1", choices=["1", "1.5", "2"])
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-len", type=int, default=8192, help="the pack stage's pack.max_len")
     a = ap.parse_args(argv)
-    train_cpu(a.packs, a.steps, a.stage, a.micro_batch, seed=a.seed)
+    train_cpu(a.packs, a.steps, a.stage, a.micro_batch, seed=a.seed, max_len=a.max_len)
 
 
 if __name__ == "__main__":
