@@ -146,6 +146,11 @@ class ConceptLists:
         return cls(ids.reshape(-1), np.arange(0, n * k + 1, k, dtype=np.int64),
                    None if scores is None else scores.reshape(-1))
 
+    def slice(self, start: int, stop: int) -> "ConceptLists":
+        a, b = self.offsets[start], self.offsets[stop]
+        return ConceptLists(self.values[a:b], self.offsets[start:stop + 1] - a,
+                            None if self.scores is None else self.scores[a:b])
+
     def positions(self) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
         """(rows, element index) for j = 0, 1, ...: the j-th concept of every row that has one.
 
@@ -320,12 +325,30 @@ def size_from(n_rows: int, target: int = 0, fraction: float = 0.0) -> int:
     return min(max(n, 0), n_rows)
 
 
+CHUNK_ROWS = 1 << 16  # in-memory selection works on row chunks: temporaries stay in cache
+
+
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, CHUNK_ROWS):
+        yield start, min(start + CHUNK_ROWS, n)
+
+
+def concept_counts(values: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """bincount over chunks: np.bincount casts its input to intp, a copy as large as the input."""
+    counts = np.zeros(max(minlength, int(values.max(initial=-1)) + 1), dtype=np.int64)
+    step = CHUNK_ROWS * 16
+    for start in range(0, len(values), step):
+        counts += np.bincount(values[start:start + step], minlength=len(counts))
+    return counts
+
+
 def select(sample_hash: np.ndarray, lists: ConceptLists, *, mode: str = "inverse_frequency", seed: int = 0,
            target: int = 0, fraction: float = 0.0, threshold: float = 0.0, weighting: str = "mean",
            num_concepts: int = 0, candidate_rows: int = 1 << 20) -> Selection:
-    """The whole selection on in-memory arrays (one shard's worth, or a benchmark's 20M rows):
-    the same functions the stage runs per shard, with the reductions done in place."""
-    counts = np.bincount(lists.values, minlength=num_concepts).astype(np.int64)
+    """The whole selection on in-memory arrays of usable rows (one shard's worth, or a
+    benchmark's 20M rows): the functions the stage runs per shard, with the reductions done in
+    place over row chunks, so the extra memory is a few per-row arrays."""
+    counts = concept_counts(lists.values, num_concepts)
     n = len(sample_hash)
     if mode == "metaclip":
         if threshold:
@@ -333,28 +356,47 @@ def select(sample_hash: np.ndarray, lists: ConceptLists, *, mode: str = "inverse
         else:
             n_target = size_from(n, target, fraction)
             t, exp = solve_threshold(n_target, int(counts.max(initial=1)),
-                                     lambda ts: expected_sizes(lists, counts, ts))
+                                     lambda ts: sum(expected_sizes(lists.slice(a, b), counts, ts) for a, b in _chunks(n)))
             info = {"threshold": t, "threshold_solved": True, "expected_size": exp}
-        prob = metaclip_keep_prob(lists, counts, t)
+        prob = np.empty(n)
+        for a, b in _chunks(n):
+            prob[a:b] = metaclip_keep_prob(lists.slice(a, b), counts, t)
         keep = uniforms(sample_hash, seed) < prob
         return Selection(keep, prob, prob, {**info, "counts": counts})
     n_select = size_from(n, target, fraction)
-    w = concept_weights(lists, counts, weighting)
-    keep, incl, info = _es_select(sample_hash, w, seed, n_select, candidate_rows)
+    w = np.empty(n)
+    for a, b in _chunks(n):
+        w[a:b] = concept_weights(lists.slice(a, b), counts, weighting)
+    keep, incl, info = _es_select(np.asarray(sample_hash, dtype=np.uint64), w, seed, n_select, candidate_rows)
     return Selection(keep, w, incl, {**info, "counts": counts})
 
 
-def _es_select(sample_hash, w, seed, n_select, cap):
+def _es_select(lo, w, seed, n_select, cap):
     n = len(w)
     if n_select >= n or n_select == 0:
         keep = np.full(n, n_select > 0)
         return keep, keep.astype(np.float64), {"n_select": n_select, "cutoff": None}
-    hi = es_keys(sample_hash, w, seed)
-    lo = np.asarray(sample_hash, dtype=np.uint64)
-    cutoff = find_cutoff(n_select, lambda p: key_histogram(hi, lo, p), lambda p: key_candidates(hi, lo, p), cap)
-    keep = passes_cutoff(hi, lo, cutoff)
+    hi = np.empty(n, dtype=np.uint64)
+    for a, b in _chunks(n):
+        hi[a:b] = es_keys(lo[a:b], w[a:b], seed)
+
+    def histogram(prefix):
+        return sum(key_histogram(hi[a:b], lo[a:b], prefix) for a, b in _chunks(n))
+
+    def candidates(prefix):
+        parts = [key_candidates(hi[a:b], lo[a:b], prefix) for a, b in _chunks(n)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    cutoff = find_cutoff(n_select, histogram, candidates, cap)
+    keep = np.empty(n, dtype=bool)
+    for a, b in _chunks(n):
+        keep[a:b] = passes_cutoff(hi[a:b], lo[a:b], cutoff)
+    del hi
     incl = np.zeros(n)
-    incl[keep] = one_minus_exp_neg(w[keep] * cutoff_value(cutoff))
+    tau = cutoff_value(cutoff)
+    for a, b in _chunks(n):
+        k = keep[a:b]
+        incl[a:b][k] = one_minus_exp_neg(w[a:b][k] * tau)
     return keep, incl, {"n_select": n_select, "cutoff": cutoff}
 
 
@@ -489,7 +531,7 @@ def _load(loc: Location, bcfg, extra: Iterable[str] = ()) -> ShardRows:
 def count_pass(loc: Location, bcfg) -> dict[str, Any]:
     rows = _load(loc, bcfg)
     return {
-        "counts": np.bincount(rows.lists.values).astype(np.int64) if len(rows.lists.values) else np.zeros(0, np.int64),
+        "counts": concept_counts(rows.lists.values),
         "rows": len(rows.codes),
         "codes": np.bincount(rows.codes, minlength=len(REASONS)).astype(np.int64),
         "sources": Counter(rows.sources.tolist()) if rows.sources is not None else Counter(),
