@@ -42,7 +42,7 @@ import math
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -197,8 +197,10 @@ def _messages(url: str, prompt: str) -> list[dict[str, Any]]:
 
 
 def caption_openai(sample_ids: list[str], images: list[bytes | None], languages: list[str],
-                   cfg: CaptionSection, seed: int) -> tuple[list[Answer], int]:
-    """Caption one shard's samples over HTTP; returns the answers and the number of retries."""
+                   cfg: CaptionSection, seed: int, on_done: Callable[[], None] | None = None,
+                   ) -> tuple[list[Answer], int]:
+    """Caption one shard's samples over HTTP; returns the answers and the number of retries.
+    ``on_done`` is called as each sample finishes (benchmarks time completions with it)."""
     settings = ClientSettings(cfg.base_url, cfg.model, cfg.api_key_env, cfg.max_in_flight, cfg.request_timeout_s,
                               cfg.max_retries, cfg.backoff_base_s, cfg.backoff_max_s, cfg.max_response_bytes)
     rules = filter_rules(cfg)
@@ -208,7 +210,10 @@ def caption_openai(sample_ids: list[str], images: list[bytes | None], languages:
         async with ChatClient(settings) as client:
             async def one(i: int) -> Answer:
                 async with gate:
-                    return await _caption_one(client, sample_ids[i], images[i], languages[i], cfg, rules, seed)
+                    answer = await _caption_one(client, sample_ids[i], images[i], languages[i], cfg, rules, seed)
+                if on_done is not None:
+                    on_done()
+                return answer
             answers = await asyncio.gather(*(one(i) for i in range(len(sample_ids))))
             return list(answers), client.retries
 

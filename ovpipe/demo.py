@@ -45,6 +45,14 @@ def _balance(input: str, output: str, cfg: Config, overwrite: bool) -> StageSumm
     return BalanceStage().run(input, output, cfg, overwrite=overwrite)
 
 
+def _caption(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
+    """The embedded captioner: pseudo-captions from each image's top-k concepts (English and
+    Chinese), unless the config points at a server (caption.backend = "openai")."""
+    from curation.caption import CaptionRunner
+
+    return CaptionRunner().run(input, output, cfg, overwrite=overwrite)
+
+
 def _pack(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
     from packing.stage import PackRunner
 
@@ -55,7 +63,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("ingest", "raw", "ingest", _ingest),
     # assign ("ingest" -> ... -> "assign") goes here, before balance
     DemoStep("balance", "assign", "balance", _balance),
-    # caption ("balance" -> "caption") goes here, before pack
+    DemoStep("caption", "balance", "caption", _caption),
     DemoStep("pack", "caption", "pack", _pack),
 ]
 
