@@ -68,8 +68,17 @@ def bfd_histogram(hist: np.ndarray, capacity: int, max_items: int | None = None)
     cap_items = max_items or capacity  # a pack never holds more than `capacity` items of length >= 1
     pools: dict[int, deque] = {}  # room -> deque of [first_pack, n_packs, n_items]
     bits = 0  # bit r set <=> pools[r] is non-empty
-    ops: list[tuple[int, int, int, int]] = []
+    ops_first: list[int] = []  # one op = (first pack, packs, length, items per pack), 4 parallel lists
+    ops_n: list[int] = []
+    ops_len: list[int] = []
+    ops_q: list[int] = []
     next_pack = 0
+
+    def op(first: int, n: int, length: int, q: int) -> None:
+        ops_first.append(first)
+        ops_n.append(n)
+        ops_len.append(length)
+        ops_q.append(q)
 
     def put(room: int, first: int, n: int, items: int) -> None:
         nonlocal bits
@@ -90,11 +99,11 @@ def bfd_histogram(hist: np.ndarray, capacity: int, max_items: int | None = None)
                 q = min(capacity // length, cap_items)
                 full = left // q
                 if full:
-                    ops.append((next_pack, full, length, q))
+                    op(next_pack, full, length, q)
                     put(capacity - q * length, next_pack, full, q)
                     next_pack += full
                 if left % q:
-                    ops.append((next_pack, 1, length, left % q))
+                    op(next_pack, 1, length, left % q)
                     put(capacity - (left % q) * length, next_pack, 1, left % q)
                     next_pack += 1
                 break
@@ -105,13 +114,13 @@ def bfd_histogram(hist: np.ndarray, capacity: int, max_items: int | None = None)
             q = min(room // length, cap_items - items)
             full = min(n, left // q)
             if full:
-                ops.append((first, full, length, q))
+                op(first, full, length, q)
                 left -= full * q
                 first += full
                 n -= full
                 put(room - q * length, first - full, full, items + q)
             if n and left:  # one pack takes the rest (fewer than q)
-                ops.append((first, 1, length, left))
+                op(first, 1, length, left)
                 put(room - left * length, first, 1, items + left)
                 first += 1
                 n -= 1
@@ -123,7 +132,10 @@ def bfd_histogram(hist: np.ndarray, capacity: int, max_items: int | None = None)
                 if not pool:
                     del pools[room]
                     bits &= ~(1 << room)
-    return np.asarray(ops, dtype=np.int64).reshape(-1, 4), next_pack
+    ops = np.empty((len(ops_first), 4), dtype=np.int64)
+    for j, col in enumerate((ops_first, ops_n, ops_len, ops_q)):
+        ops[:, j] = np.fromiter(col, dtype=np.int64, count=len(col))
+    return ops, next_pack
 
 
 def _slots(ops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,9 +177,9 @@ def pack_lengths(lengths: np.ndarray, capacity: int, *, max_items: int | None = 
     del ops
     # Samples by (length, seeded hash): a stable order whatever the input order.
     key = splitmix64(sample_hash if sample_hash is not None else np.arange(n, dtype=np.uint64), seed)
-    by_len = np.lexsort((key, lengths))
+    by_len = _order_by_length_then_key(lengths, key, capacity)
     del key
-    slot_by_len = np.argsort(slot_len, kind="stable")
+    slot_by_len = np.argsort(slot_len.astype(np.int16 if capacity < 2**15 else np.int32), kind="stable")
     del slot_len
     if image_tokens is not None:
         by_len = _spread_images(by_len, slot_by_len, slot_pack, lengths, np.asarray(image_tokens), num_packs)
@@ -184,6 +196,20 @@ def pack_lengths(lengths: np.ndarray, capacity: int, *, max_items: int | None = 
     tokens = np.bincount(slot_pack, weights=None, minlength=num_packs)
     tokens = np.add.reduceat(lengths[order].astype(np.int64), offsets[:-1]) if num_packs else tokens
     return PackResult(order, offsets, tokens.astype(np.int64))
+
+
+def _order_by_length_then_key(lengths: np.ndarray, key: np.ndarray, capacity: int) -> np.ndarray:
+    """Sample indices sorted by (length, key), ties by index. One sort of packed uint64 words
+    (length | top key bits | index) is ~4x faster than a two-key lexsort."""
+    n = len(lengths)
+    len_bits, idx_bits = int(capacity).bit_length(), max(int(n - 1).bit_length(), 1)
+    key_bits = 64 - len_bits - idx_bits
+    if key_bits < 16:
+        return np.lexsort((np.arange(n), key, lengths))
+    word = (lengths.astype(np.uint64) << np.uint64(64 - len_bits)) | (
+        (key >> np.uint64(64 - key_bits)) << np.uint64(idx_bits)) | np.arange(n, dtype=np.uint64)
+    word.sort()
+    return (word & np.uint64((1 << idx_bits) - 1)).astype(np.int64)
 
 
 def _spread_images(by_len: np.ndarray, slot_by_len: np.ndarray, slot_pack: np.ndarray, lengths: np.ndarray,

@@ -285,10 +285,10 @@ class PackPrepStage:
 
     def process(self, task: ShardTask) -> ShardOutput:
         cfg = task.config.pack
-        tok = ptok.load_tokenizer(cfg.tokenizer)
         ledger = Ledger(self.name)
         rows: dict[str, list] = {f.name: [] for f in STAGED_SCHEMA}
-        records, _kind = self._records(task)
+        records, kind = self._records(task)
+        tok = None if kind == "lengths" else ptok.load_tokenizer(cfg.tokenizer)  # lengths need no tokenizer
         n_in = 0
         for rec in records:
             n_in += 1

@@ -1,0 +1,173 @@
+"""Packing core vs (a) a plain-Python best-fit-decreasing reference and (b) TRL's
+``pack_dataset(strategy="bfd")``, same lengths, same run; plus end-to-end ``ovpipe pack`` on Parquet.
+
+    .venv/bin/python benchmarks/pack.py [--n 1000000] [--trl-n 200000] [--e2e-n 1000000]
+
+TRL is installed for the benchmark only (not a project dependency):
+    printf 'torch==2.14.1\\ntransformers==5.24.0\\n' > /tmp/c.txt && .venv/bin/pip install trl -c /tmp/c.txt
+TRL gets its token lists as int8 lists (it only needs their lengths) and a single map batch, so
+it packs globally; on --trl-n samples (token lists of 1M samples would need ~3 GB as int32).
+Shapes: log-normal (mean ~740, clipped to [64, 8192]), bimodal, many near-max samples.
+Prints progress, then ONE JSON line last; headline_ratio = our samples/s over the faster
+reference's samples/s on the log-normal shape (target >= 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from packing.pack import lower_bound, pack_lengths  # noqa: E402
+
+CAP = 8192
+
+
+def shapes(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sigma = 0.8
+    lognormal = np.clip(np.round(rng.lognormal(np.log(740) - sigma**2 / 2, sigma, n)), 64, CAP)
+    short = rng.normal(250, 60, n)
+    long = rng.normal(3000, 600, n)
+    bimodal = np.clip(np.round(np.where(rng.random(n) < 0.7, short, long)), 64, CAP)
+    near_max = np.clip(np.round(np.where(rng.random(n) < 0.4, rng.uniform(6500, CAP, n),
+                                         rng.lognormal(np.log(400), 0.7, n))), 64, CAP)
+    return {k: v.astype(np.int64) for k, v in
+            {"lognormal": lognormal, "bimodal": bimodal, "near_max": near_max}.items()}
+
+
+def plain_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Reference: item-by-item best-fit decreasing (a sorted list of open rooms, bins by room),
+    returning each bin's sample indices, as the packing core does."""
+    rooms: list[int] = []  # sorted rooms of open bins (with repeats)
+    by_room: dict[int, list[list[int]]] = defaultdict(list)
+    bins: list[list[int]] = []
+    for idx in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+        L = lengths[idx]
+        i = bisect.bisect_left(rooms, L)
+        if i == len(rooms):
+            b = []
+            bins.append(b)
+            room = capacity - L
+        else:
+            old = rooms.pop(i)
+            b = by_room[old].pop()
+            room = old - L
+        b.append(idx)
+        if room > 0:
+            bisect.insort(rooms, room)
+            by_room[room].append(b)
+    return bins
+
+
+def trl_bfd(lengths: np.ndarray) -> tuple[int, float]:
+    import pyarrow as pa
+    from datasets import Dataset
+    from trl import pack_dataset
+
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = pa.array(np.ones(int(offsets[-1]), dtype=np.int8))
+    ids = pa.LargeListArray.from_arrays(pa.array(offsets), values)
+    ds = Dataset(pa.table({"input_ids": ids}))
+    t = time.perf_counter()
+    packed = pack_dataset(ds, CAP, strategy="bfd", map_kwargs={"batch_size": len(lengths), "keep_in_memory": True})
+    return len(packed), time.perf_counter() - t
+
+
+def ours(lengths: np.ndarray, hashes: np.ndarray) -> tuple[int, float, int, int]:
+    t = time.perf_counter()
+    res = pack_lengths(lengths, CAP, sample_hash=hashes)
+    dt = time.perf_counter() - t
+    return res.num_packs, dt, int(res.pack_tokens.max()), int(np.diff(res.offsets).max())
+
+
+def e2e(n: int, lengths: np.ndarray) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ovpipe.config import load_config
+    from packing.stage import run_pack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        shards = 8
+        for k in range(shards):
+            sl = slice(k * n // shards, (k + 1) * n // shards)
+            ids = [f"{i:012x}" for i in range(sl.start, sl.stop)]
+            pq.write_table(pa.table({"sample_id": ids, "num_tokens": lengths[sl]}), src / f"part-{k:03d}.parquet")
+        cfg = load_config(overrides=["pack.buckets=8", "pack.plot=false"])
+        t = time.perf_counter()
+        summary = run_pack(str(src), str(Path(tmp) / "out"), cfg, quiet=True)
+        dt = time.perf_counter() - t
+        stats = json.loads((Path(tmp) / "out" / "pack_stats.json").read_text())
+    return {"samples": n, "seconds": round(dt, 2), "samples_per_s": round(n / dt), "packs": stats["packs"],
+            "fill": stats["fill"], "kept": summary.kept_rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--trl-n", type=int, default=200_000)
+    ap.add_argument("--e2e-n", type=int, default=1_000_000)
+    args = ap.parse_args()
+    rng = np.random.default_rng(1)
+    results: dict[str, dict] = {}
+    for name, lengths in shapes(args.n).items():
+        hashes = rng.integers(0, 2**63, len(lengths)).astype(np.uint64)
+        lb = lower_bound(lengths.sum(), CAP)
+        ours(lengths[:1000], hashes[:1000])  # warm-up
+        packs, dt, max_tok, _ = ours(lengths, hashes)
+        t = time.perf_counter()
+        ref_packs = len(plain_bfd(lengths.tolist(), CAP))
+        ref_dt = time.perf_counter() - t
+        print(f"[{name}] ours {packs} packs in {dt:.3f}s; plain BFD {ref_packs} in {ref_dt:.2f}s; bound {lb}",
+              file=sys.stderr, flush=True)
+        sub = lengths[: args.trl_n]
+        sub_ours, sub_dt, _, _ = ours(sub, hashes[: args.trl_n])
+        try:
+            trl_packs, trl_dt = trl_bfd(sub)
+        except ImportError as e:
+            trl_packs, trl_dt = None, None
+            print(f"TRL not installed ({e}); see the module docstring", file=sys.stderr)
+        print(f"[{name}] on {len(sub)}: ours {sub_ours} packs in {sub_dt:.3f}s; TRL {trl_packs} in {trl_dt}s",
+              file=sys.stderr, flush=True)
+        rates = {"ours": len(lengths) / dt, "plain_bfd": len(lengths) / ref_dt}
+        if trl_dt:
+            rates["trl_bfd"] = len(sub) / trl_dt
+        faster = max(v for k, v in rates.items() if k != "ours")
+        results[name] = {
+            "n": len(lengths), "mean_len": round(float(lengths.mean()), 1), "lower_bound": lb,
+            "packs_ours": packs, "packs_plain_bfd": ref_packs, "packs_ratio_to_bound": round(packs / lb, 6),
+            "trl_n": len(sub), "packs_ours_on_trl_n": sub_ours, "packs_trl_bfd": trl_packs,
+            "seconds_ours": round(dt, 4), "seconds_plain_bfd": round(ref_dt, 3),
+            "seconds_trl_bfd": round(trl_dt, 3) if trl_dt else None,
+            "samples_per_s": {k: round(v) for k, v in rates.items()},
+            "speedup_vs_faster_reference": round(rates["ours"] / faster, 2),
+            "packs_le_both": packs <= ref_packs and (trl_packs is None or sub_ours <= trl_packs),
+            "max_pack_tokens": max_tok,
+        }
+    e2e_result = e2e(args.e2e_n, shapes(args.e2e_n, seed=2)["lognormal"]) if args.e2e_n else None
+    print(f"[e2e] {e2e_result}", file=sys.stderr)
+    ln = results["lognormal"]
+    out = {
+        "benchmark": "pack", "capacity": CAP, "shapes": results, "e2e_ovpipe_pack_parquet": e2e_result,
+        "lognormal_within_1.0005_of_bound": ln["packs_ratio_to_bound"] <= 1.0005,
+        "packs_le_both_on_every_shape": all(r["packs_le_both"] for r in results.values()),
+        "headline_ratio": ln["speedup_vs_faster_reference"],
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
