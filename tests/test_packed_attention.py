@@ -66,7 +66,7 @@ def to_batch(rows: list[list[dict]]):
 
 @pytest.fixture(scope="module")
 def model():
-    m = build_model(tiny_vision_config(), tiny_llm_config(), seed=0, llm_attention="sdpa").eval()
+    m = build_model(tiny_vision_config(), tiny_llm_config(), seed=0, attn_implementation="sdpa").eval()
     return m
 
 
@@ -172,6 +172,11 @@ def test_vision_attention_per_image_matches_single_image_runs(model):
         fa = model.vision(a, torch.tensor([[4, 6]]))
         fb = model.vision(b, torch.tensor([[6, 8]]))
     assert (both - torch.cat([fa, fb])).abs().max() < 1e-5
+
+
+def test_unsupported_attention_implementation_is_refused():
+    with pytest.raises(ValueError, match="eager"):
+        build_model(tiny_vision_config(), tiny_llm_config(vocab_size=1000), attn_implementation="eager")
 
 
 def test_cu_seqlens_from_segments():

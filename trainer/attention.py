@@ -34,11 +34,6 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def default_llm_path(device: torch.device) -> str:
-    """varlen flash attention on GPU when flash-attn is installed, else SDPA with a block mask."""
-    return "flash_varlen" if device.type == "cuda" and flash_attn_available() else "sdpa"
-
-
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) segment ids -> (B, 1, L, L) bool mask: token i may attend to j iff j <= i and both
     are in the same segment. Padding must carry its own segment id so no row is empty."""

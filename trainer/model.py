@@ -205,15 +205,25 @@ class Projector(nn.Module):
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, vision_cfg: VisionConfig, llm: nn.Module, image_pad_id: int = IMAGE_PAD_ID,
-                 llm_attention: str | None = None):
+    def __init__(self, vision_cfg: VisionConfig, llm: nn.Module, image_pad_id: int = IMAGE_PAD_ID):
         super().__init__()
         self.vision = VisionTower(vision_cfg)
         self.projector = Projector(vision_cfg.hidden_size, llm.config.hidden_size,
                                    vision_cfg.spatial_merge_size, vision_cfg.layer_norm_eps)
         self.llm = llm
         self.image_pad_id = image_pad_id
-        self.llm_attention = llm_attention  # None: chosen from the device at each call
+
+    @property
+    def llm_attention(self) -> str:
+        """The isolation path follows the LLM's attention implementation, so the isolation
+        argument is always one that implementation honours (an SDPA model ignores cu_seqlens)."""
+        impl = self.llm.config._attn_implementation
+        if impl == "flash_attention_2":
+            return "flash_varlen"
+        if impl == "sdpa":
+            return "sdpa"
+        raise ValueError(f"LLM attention implementation {impl!r} is not supported for packed training; "
+                         "build the model with attn_implementation 'sdpa' or 'flash_attention_2'")
 
     def blocks(self) -> list[nn.Module]:
         """The units to wrap with FSDP2 ``fully_shard``: ViT blocks, then LLM decoder layers."""
@@ -239,8 +249,7 @@ class VisionLanguageModel(nn.Module):
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("grid_hw"))
-        path = self.llm_attention or attention.default_llm_path(embeds.device)
-        iso = attention.llm_isolation_kwargs(batch["segment_ids"], path)
+        iso = attention.llm_isolation_kwargs(batch["segment_ids"], self.llm_attention)
         out = self.llm.model(inputs_embeds=embeds, position_ids=batch["position_ids"], **iso)
         return out.last_hidden_state
 
@@ -278,13 +287,17 @@ def tiny_vision_config() -> VisionConfig:
 
 def build_model(vision_cfg: VisionConfig, llm_config=None, llm_path: str | Path | None = None,
                 vision_checkpoint: str | Path | None = None, seed: int = 0,
-                llm_attention: str | None = None, attn_implementation: str = "sdpa") -> VisionLanguageModel:
+                attn_implementation: str = "sdpa") -> VisionLanguageModel:
     """Build the model. The LLM comes from a local Hugging Face Qwen3 folder (``llm_path``) or,
     for tests and the demo, from ``llm_config`` with seeded random weights; the vision tower from
     a local RICE-ViT checkpoint (trainer/checkpoint_convert.py) or seeded random weights. The
-    projector is always new (stage 1 trains it)."""
+    projector is always new (stage 1 trains it). ``attn_implementation``: "sdpa" (block mask; CPU
+    or GPU), "flash_attention_2" (varlen, needs flash-attn and CUDA) or "auto" (flash when
+    available, else sdpa)."""
     from transformers import Qwen3ForCausalLM
 
+    if attn_implementation == "auto":
+        attn_implementation = "flash_attention_2" if attention.flash_attn_available() else "sdpa"
     torch.manual_seed(seed)
     if llm_path is not None:
         llm = Qwen3ForCausalLM.from_pretrained(str(llm_path), attn_implementation=attn_implementation,
@@ -295,7 +308,8 @@ def build_model(vision_cfg: VisionConfig, llm_config=None, llm_path: str | Path 
     else:
         raise ValueError("give llm_path (a local Hugging Face Qwen3 folder) or llm_config")
     llm.config.use_cache = False
-    model = VisionLanguageModel(vision_cfg, llm, llm_attention=llm_attention)
+    model = VisionLanguageModel(vision_cfg, llm)
+    _ = model.llm_attention  # fail early on an unsupported implementation
     if vision_checkpoint is not None:
         from trainer.checkpoint_convert import load_rice_vit
 
