@@ -77,6 +77,10 @@ class Stage(Protocol):
 
     def process(self, task: ShardTask) -> ShardOutput: ...
 
+    # Optional: ``execute_on_ray(pending, cfg, progress) -> {shard: error}`` replaces the default
+    # one-task-per-shard executor (e.g. a Ray Data actor pool); it must commit every shard it
+    # finishes with ``commit_shard`` and report each one with ``progress.update(1, input_rows)``.
+
 
 class OutputConflict(RuntimeError):
     """The output folder holds something this run must not mix with."""
@@ -157,7 +161,13 @@ def open_output(out: Location, payload: dict[str, Any], digest: str, overwrite: 
 def run_shard(stage: Stage, task: ShardTask) -> dict[str, Any]:
     """Process one input shard and commit it. Idempotent: a retry overwrites the same names."""
     start = time.monotonic()
-    result = stage.process(task)
+    return commit_shard(task, stage.process(task), start)
+
+
+def commit_shard(task: ShardTask, result: ShardOutput, start: float | None = None) -> dict[str, Any]:
+    """Check one shard's accounting, then write its data, its ledger and (last) its manifest entry.
+    Stages with their own executor (``execute_on_ray``) commit each finished shard through this."""
+    start = time.monotonic() if start is None else start
     kept, dropped = result.table.num_rows, len(result.ledger)
     if result.input_rows != kept + dropped:
         raise AccountingError(
@@ -257,8 +267,13 @@ def run_stage(
     if pending:
         progress = Progress(stage.name, len(pending), cfg.run.progress_interval_s,
                             stream=open(os.devnull, "w") if quiet else None)
-        execute = _execute_local if cfg.run.executor == "local" else _execute_on_ray
-        failed = execute(stage, pending, cfg, progress)
+        custom = getattr(stage, "execute_on_ray", None)  # (pending, cfg, progress) -> failed
+        if cfg.run.executor == "local":
+            failed = _execute_local(stage, pending, cfg, progress)
+        elif custom is not None:
+            failed = custom(pending, cfg, progress)
+        else:
+            failed = _execute_on_ray(stage, pending, cfg, progress)
 
     entries = read_manifest_entries(output_root)
     wanted = {t.shard for t in tasks}
