@@ -314,3 +314,21 @@ def test_malformed_rows_are_ledgered_and_missing_columns_refused(ray_address, tm
         balance(tmp_path / "in", tmp_path / "out3")
     with pytest.raises(ValueError, match="threshold does not apply"):
         balance(tmp_path / "in", tmp_path / "out3", "balance.threshold=3")
+
+
+def test_fixed_size_list_input_as_the_assign_stage_writes_it(ray_address, zipf_table, tmp_path):
+    """assign writes fixed_size_list<int32, k> / <float32, k>: same selection as plain lists."""
+    fixed = zipf_table.set_column(
+        zipf_table.schema.get_field_index("concept_ids"), "concept_ids",
+        zipf_table["concept_ids"].cast(pa.list_(pa.int32(), 5)))
+    fixed = fixed.set_column(fixed.schema.get_field_index("concept_scores"), "concept_scores",
+                             fixed["concept_scores"].cast(pa.list_(pa.float32(), 5)))
+    write_shards(tmp_path / "fixed", fixed, [700, 500])
+    write_shards(tmp_path / "plain", zipf_table, [1200])
+    for w in ("mean", "score_weighted"):
+        for name in ("fixed", "plain"):
+            balance(tmp_path / name, tmp_path / f"o-{name}-{w}", "balance.fraction=0.3",
+                    f"balance.weighting={w}", "run.executor=local")
+        a, b = (kept(tmp_path / f"o-{n}-{w}").sort_by("sample_id") for n in ("fixed", "plain"))
+        assert a["sample_id"].to_pylist() == b["sample_id"].to_pylist() and a.num_rows == 360
+        assert a["weight"].to_pylist() == b["weight"].to_pylist()
