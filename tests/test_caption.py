@@ -199,7 +199,8 @@ def test_server_that_dies_mid_run_and_comes_back_loses_nothing(ingested, tmp_pat
         outage = {}
 
         def kill_and_revive():
-            while server.stats.requests < 25:
+            deadline = time.monotonic() + 60
+            while server.stats.requests < 25 and time.monotonic() < deadline:
                 time.sleep(0.005)
             outage["at"] = server.stats.requests
             server.die()
