@@ -33,6 +33,18 @@ def _ingest():
     return IngestStage()
 
 
+def _embed():
+    from curation.embed import EmbedStage
+
+    return EmbedStage()
+
+
+def _assign():
+    from curation.assign import AssignStage
+
+    return AssignStage()
+
+
 def _caption():
     from curation.caption import CaptionRunner
 
@@ -58,6 +70,21 @@ STAGES: dict[str, StageCommand] = {
         "raw image(-text) Parquet shards -> one row per sample (sample_id, sizes, provenance)",
         _ingest,
         {"--source": ("ingest.source", str), "--max-pixels": ("ingest.max_pixels", int)},
+    ),
+    "embed": StageCommand(
+        "ingested samples -> + L2-normalised float16 open_clip image embedding (Ray Data actor pool)",
+        _embed,
+        {"--model": ("embed.model", str), "--pretrained": ("embed.pretrained", str),
+         "--batch-size": ("embed.batch_size", int), "--pool-size": ("embed.pool_size", int),
+         "--num-gpus-per-actor": ("embed.num_gpus_per_actor", float),
+         "--num-cpus-per-actor": ("embed.num_cpus_per_actor", float)},
+    ),
+    "assign": StageCommand(
+        "embedded samples -> + top-k concept_ids / concept_scores (FAISS or torch; cached concept index)",
+        _assign,
+        {"--vocabulary": ("assign.vocabulary", str), "--k": ("assign.k", int),
+         "--backend": ("assign.backend", str), "--template": ("assign.template", str),
+         "--cache-dir": ("assign.cache_dir", str)},
     ),
     "caption": StageCommand(
         "selected samples -> + English/Chinese caption (openai server, in-process vLLM or concepts), filtered",

@@ -35,6 +35,18 @@ def _ingest(input: str, output: str, cfg: Config, overwrite: bool) -> StageSumma
     return run_stage(IngestStage(), input, output, cfg, overwrite=overwrite)
 
 
+def _embed(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
+    from curation.embed import EmbedStage
+
+    return run_stage(EmbedStage(), input, output, cfg, overwrite=overwrite)
+
+
+def _assign(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
+    from curation.assign import AssignStage
+
+    return run_stage(AssignStage(), input, output, cfg, overwrite=overwrite)
+
+
 def _balance(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
     """Keeps half of the demo images unless the config sets a size; prints where the report is."""
     from curation.balance import BalanceStage
@@ -61,7 +73,8 @@ def _pack(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary
 
 DEMO_STEPS: list[DemoStep] = [
     DemoStep("ingest", "raw", "ingest", _ingest),
-    # assign ("ingest" -> ... -> "assign") goes here, before balance
+    DemoStep("embed", "ingest", "embed", _embed),
+    DemoStep("assign", "embed", "assign", _assign),
     DemoStep("balance", "assign", "balance", _balance),
     DemoStep("caption", "balance", "caption", _caption),
     DemoStep("pack", "caption", "pack", _pack),
@@ -70,6 +83,11 @@ DEMO_STEPS: list[DemoStep] = [
 
 def demo_config(cfg: Config) -> Config:
     """The demo's own defaults (tiny models, small vocabularies) on top of the user's config."""
+    e = cfg.embed
+    if (e.model, e.pretrained) == ("ViT-H-14-quickgelu", "metaclip_fullcc"):  # the production default
+        # a seeded random 64-d open_clip model (curation/embed.py TINY_MODELS): no download
+        tiny = e.model_copy(update={"model": "ovpipe-tiny-clip", "pretrained": "random", "batch_size": 32})
+        cfg = cfg.model_copy(update={"embed": tiny})
     return cfg
 
 
