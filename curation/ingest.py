@@ -1,26 +1,43 @@
-"""Ingest stage: raw image(-text) shards -> one row per sample, image referenced not copied.
+"""Ingest stage: raw image(-text) shards -> one row per unique sample, image referenced not copied.
 
-Reads:  Parquet shards with an image-bytes column (``ingest.image_columns``: raw bytes, or a
-        Hugging Face image struct {bytes, path}); optional text / key / source / licence columns.
+Reads:  input shards of any kind curation/readers.py knows — Parquet with image bytes or image
+        paths (img2dataset's Parquet as it comes), WebDataset tars (img2dataset's WebDataset as it
+        comes), folders of images with optional ``<stem>.txt`` captions.
 Writes: ``OUT/<shard>.parquet`` in INGEST_SCHEMA (below, and docs/data-contracts.md), and
-        ledger rows (stage ``ingest``) for images that cannot be used.
+        ledger rows (stage ``ingest``) for inputs that cannot be used or are duplicates.
 
 Identity: ``sample_id`` is the xxh3-64 of the image bytes (16 hex digits), and ``sample_hash``
 the same 64 bits as a uint64, so later stages hash and bucket vectorised. The input's own key is
 provenance, not identity.
+
+Exact dedup (``ingest.dedup``): before any shard is processed, ``prepare`` hashes every input
+image (a map over shards as Ray tasks) and shuffles (hash, shard, row) into hash partitions
+(reduce tasks) that pick one winner per hash. The rule, deterministic and stable when later runs
+add shards: **a sample already kept in this output folder by an earlier run stays the winner;
+otherwise the occurrence with the smallest (shard name, row) wins.** Every other occurrence is
+ledgered as ``duplicate`` with a pointer to the winner. Only the duplicates travel back to the
+driver, so memory there grows with the number of duplicates, not of samples.
 """
 
 from __future__ import annotations
 
 import posixpath
+import time
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import xxhash
 
+from curation.readers import list_ingest_shards, read_shard
+from ovpipe.config import Config, config_hash
 from ovpipe.images import BadImage, probe_image
 from ovpipe.ledger import Ledger
-from ovpipe.stage import ShardOutput, ShardTask
+from ovpipe.progress import Progress
+from ovpipe.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json, read_manifest_entries, shard_name_for
+from ovpipe.stage import ShardOutput, ShardTask, stage_config_payload
 
 INGEST_SCHEMA = pa.schema(
     [
@@ -39,81 +56,168 @@ INGEST_SCHEMA = pa.schema(
         pa.field("num_bytes", pa.int64(), nullable=False),
         pa.field("text", pa.string()),
         pa.field("license", pa.string()),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("num_frames", pa.int32(), nullable=False),
     ]
 )
 
-
-def _first_present(candidates: list[str], names: list[str]) -> str | None:
-    return next((c for c in candidates if c in names), None)
+# One occurrence of an image in the dedup shuffle. prio 0 = already kept by an earlier run.
+_OCCURRENCE = np.dtype([("hash", "<u8"), ("prio", "u1"), ("shard", "<i4"), ("row", "<i8")])
 
 
 def default_source(task: ShardTask) -> str:
-    """The folder an input shard sits in, below the input root (the root's name if none)."""
+    """The first folder below the input root (the root's own name if none)."""
     rel = posixpath.relpath(task.input.path, task.input_root.path)
-    folder = posixpath.dirname(rel)
+    is_dir = task.input.fs.get_file_info(task.input.path).type == pafs.FileType.Directory
+    folder = rel if is_dir and rel != "." else posixpath.dirname(rel)
     return folder.split("/")[0] if folder else (task.input_root.name.removesuffix(".parquet") or "input")
 
 
 class IngestStage:
     name = "ingest"
     config_sections = ("ingest",)
-    schema_version = 1
-    input_suffixes = (".parquet",)
+    schema_version = 2
+    input_suffixes = (".parquet", ".tar")
+
+    def __init__(self) -> None:
+        self._duplicates: dict[str, dict[int, str]] = {}  # shard name -> {row: pointer to winner}
+
+    def list_shards(self, input_root: Location, cfg: Config) -> list[Location]:
+        return list_ingest_shards(input_root, cfg.ingest)
+
+    # ------------------------------------------------------------------ global dedup
+
+    def prepare(self, shards: list[Location], cfg: Config, input_root: Location,
+                output_root: Location) -> dict[str, Any]:
+        """Find every duplicate occurrence before any shard runs. Returns no digest: adding
+        input shards must not invalidate the output (incremental runs)."""
+        self._duplicates = {}
+        if not cfg.ingest.dedup:
+            return {}
+        start = time.monotonic()
+        names = [shard_name_for(input_root, s) for s in shards]
+        committed = self._committed_outputs(cfg, output_root, set(names))
+        jobs = [(committed.get(n, s), n in committed, i) for i, (s, n) in enumerate(zip(shards, names))]
+        losers = _find_duplicates(jobs, cfg)
+        for shard, row, w_shard, w_row in losers.tolist():
+            # The same text whether the winner was committed by this run or an earlier one, so
+            # a killed-and-resumed run writes exactly what an uninterrupted run writes.
+            detail = f"same bytes as the sample kept at {shards[w_shard].uri()} row {w_row}"
+            self._duplicates.setdefault(names[shard], {})[row] = detail
+        self.dedup_seconds = round(time.monotonic() - start, 3)
+        return {}
+
+    def _committed_outputs(self, cfg: Config, out: Location, names: set[str]) -> dict[str, Location]:
+        """Data files of shards an earlier run with this same config already committed."""
+        header = out.join(MANIFEST_DIR, STAGE_FILE)
+        if not header.exists():
+            return {}
+        if read_json(header).get("config_hash") != config_hash(stage_config_payload(self, cfg)):
+            return {}  # run_stage refuses this output anyway
+        entries = read_manifest_entries(out)
+        return {name: out.join(e["output"]) for name, e in entries.items() if name in names}
+
+    # ------------------------------------------------------------------ one shard
 
     def process(self, task: ShardTask) -> ShardOutput:
         cfg = task.config.ingest
-        with task.input.fs.open_input_file(task.input.path) as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            image_col = _first_present(cfg.image_columns, names)
-            if image_col is None:
-                raise ValueError(
-                    f"input shard {task.input.uri()!r} has none of the image columns "
-                    f"{cfg.image_columns}; its columns are {names}. Set ingest.image_columns."
-                )
-            text_col = _first_present(cfg.text_columns, names)
-            key_col = _first_present(cfg.key_columns, names)
-            source_col = cfg.source_column if cfg.source_column in names else None
-            license_col = cfg.license_column if cfg.license_column in names else None
-            wanted = [c for c in (image_col, text_col, key_col, source_col, license_col) if c]
-            fixed_source = cfg.source or default_source(task)
-            ledger = Ledger(self.name)
-            rows: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
-            uri = task.input.uri()
-            row = 0
-            for batch in pf.iter_batches(batch_size=cfg.batch_rows, columns=wanted):
-                images = batch.column(image_col)
-                if pa.types.is_struct(images.type):
-                    images = images.field("bytes")
-                images = images.to_pylist()
-                texts = batch.column(text_col).to_pylist() if text_col else [None] * len(images)
-                keys = batch.column(key_col).to_pylist() if key_col else [None] * len(images)
-                sources = batch.column(source_col).to_pylist() if source_col else [None] * len(images)
-                licenses = batch.column(license_col).to_pylist() if license_col else [None] * len(images)
-                for data, text, key, source, lic in zip(images, texts, keys, sources, licenses):
-                    locator = f"{uri}#row={row}"
-                    sample_id = xxhash.xxh3_64_hexdigest(data) if data else None
-                    try:
-                        info = probe_image(data, cfg.max_image_bytes, cfg.max_pixels, cfg.min_side)
-                    except BadImage as bad:
-                        ledger.drop(locator, bad.reason, bad.detail, sample_id)
-                        row += 1
-                        continue
-                    rows["sample_id"].append(sample_id)
-                    rows["sample_hash"].append(xxhash.xxh3_64_intdigest(data))
-                    rows["source"].append(str(source) if source else fixed_source)
-                    rows["input_key"].append(None if key is None else str(key))
-                    rows["input_shard"].append(uri)
-                    rows["input_row"].append(row)
-                    rows["image_uri"].append(uri)
-                    rows["image_member"].append(image_col)
-                    rows["image_row"].append(row)
-                    rows["width"].append(info.width)
-                    rows["height"].append(info.height)
-                    rows["format"].append(info.format)
-                    rows["num_bytes"].append(len(data))
-                    rows["text"].append(text if isinstance(text, str) else None)
-                    rows["license"].append(None if lic is None else str(lic))
-                    row += 1
-        table = pa.Table.from_pydict(rows, schema=INGEST_SCHEMA)
-        return ShardOutput(table, ledger, row)
+        duplicates = self._duplicates.get(task.shard, {})
+        fixed_source = cfg.source or default_source(task)
+        uri = task.input.uri()
+        ledger = Ledger(self.name)
+        rows: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
+        count = 0
+        for rec in read_shard(task.input, cfg):
+            count += 1
+            if rec.error is not None:
+                ledger.drop(rec.locator, rec.error[0], rec.error[1])
+                continue
+            sample_id = xxhash.xxh3_64_hexdigest(rec.data) if rec.data else None
+            try:
+                info = probe_image(rec.data, cfg.max_image_bytes, cfg.max_pixels, cfg.min_side, cfg.verify)
+            except BadImage as bad:
+                ledger.drop(rec.locator, bad.reason, bad.detail, sample_id)
+                continue
+            if rec.row in duplicates:
+                ledger.drop(rec.locator, "duplicate", duplicates[rec.row], sample_id)
+                continue
+            values = {
+                "sample_id": sample_id, "sample_hash": xxhash.xxh3_64_intdigest(rec.data),
+                "source": rec.source or fixed_source, "input_key": rec.key, "input_shard": uri,
+                "input_row": rec.row, "image_uri": rec.image_uri, "image_member": rec.image_member,
+                "image_row": rec.image_row, "width": info.width, "height": info.height,
+                "format": info.format, "num_bytes": len(rec.data), "text": rec.text,
+                "license": rec.license, "mode": info.mode, "num_frames": info.frames,
+            }
+            for k, v in values.items():
+                rows[k].append(v)
+        return ShardOutput(pa.Table.from_pydict(rows, schema=INGEST_SCHEMA), ledger, count)
+
+
+# ---------------------------------------------------------------------- the dedup shuffle
+
+
+def _hash_occurrences(shard: Location, committed: bool, index: int, cfg: Config, partitions: int):
+    """Map: every image occurrence of one shard, split into hash partitions."""
+    if committed:  # an earlier run's kept rows: winners by rule
+        table = pq.read_table(shard.path, filesystem=shard.fs, columns=["sample_hash", "input_row"])
+        occ = np.zeros(table.num_rows, _OCCURRENCE)
+        occ["hash"] = table.column("sample_hash").to_numpy()
+        occ["row"] = table.column("input_row").to_numpy()
+        occ["prio"] = 0
+    else:
+        try:
+            found = [(xxhash.xxh3_64_intdigest(r.data), r.row) for r in read_shard(shard, cfg.ingest)
+                     if r.error is None and r.data]
+        except Exception:  # an unreadable shard has no occurrences; process() reports its error
+            found = []
+        occ = np.zeros(len(found), _OCCURRENCE)
+        if found:
+            occ["hash"], occ["row"] = zip(*found)
+        occ["prio"] = 1
+    occ["shard"] = index
+    part = occ["hash"] % np.uint64(partitions)
+    split = [occ[part == p] for p in range(partitions)]
+    return split if partitions > 1 else split[0]
+
+
+def _losers(*parts: np.ndarray) -> np.ndarray:
+    """Reduce: per hash, the winner is the first by (prio, shard, row); return the other new
+    occurrences as rows of (shard, row, winner shard, winner row)."""
+    occ = np.concatenate(parts) if parts else np.zeros(0, _OCCURRENCE)
+    occ = occ[np.lexsort((occ["row"], occ["shard"], occ["prio"], occ["hash"]))]
+    if len(occ) == 0:
+        return np.zeros((0, 4), np.int64)
+    first = np.ones(len(occ), bool)
+    first[1:] = occ["hash"][1:] != occ["hash"][:-1]
+    winner_idx = np.maximum.accumulate(np.where(first, np.arange(len(occ)), 0))
+    lose = ~first & (occ["prio"] == 1)
+    winners = occ[winner_idx[lose]]
+    return np.stack([occ["shard"][lose], occ["row"][lose], winners["shard"], winners["row"]], axis=1).astype(np.int64)
+
+
+def _find_duplicates(jobs: list[tuple[Location, bool, int]], cfg: Config) -> np.ndarray:
+    partitions = cfg.ingest.dedup_partitions
+    progress = Progress("ingest:dedup", len(jobs), cfg.run.progress_interval_s)
+    if cfg.run.executor == "local":
+        maps = []
+        for loc, committed, i in jobs:
+            out = _hash_occurrences(loc, committed, i, cfg, partitions)
+            maps.append(out if partitions > 1 else [out])
+            progress.update(1)
+        result = [_losers(*[m[p] for m in maps]) for p in range(partitions)]
+    else:
+        import ray
+
+        from ovpipe.raycluster import ensure_ray
+
+        ensure_ray(cfg)
+        mapper = ray.remote(num_cpus=1, max_retries=3, num_returns=partitions)(_hash_occurrences)
+        cfg_ref = ray.put(cfg)
+        maps = [mapper.remote(loc, committed, i, cfg_ref, partitions) for loc, committed, i in jobs]
+        maps = [m if partitions > 1 else [m] for m in maps]
+        reducer = ray.remote(num_cpus=1, max_retries=3)(_losers)
+        result = ray.get([reducer.remote(*[m[p] for m in maps]) for p in range(partitions)])
+        progress.update(len(jobs))
+    losers = np.concatenate(result) if result else np.zeros((0, 4), np.int64)
+    return losers[np.lexsort((losers[:, 1], losers[:, 0]))] if len(losers) else losers

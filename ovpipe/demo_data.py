@@ -2,8 +2,9 @@
 
 Writes ``OUT/<source>/part-NNNNN.parquet`` with img2dataset-like columns ``key``, ``image``
 (encoded bytes: JPEG, PNG or WebP of varied sizes), ``text`` (English or Chinese alt-text) and
-``license``. A few deliberately bad records (zero bytes, corrupt bytes, a decompression bomb)
-make the demo's ledger show its reasons.
+``license``. A few deliberately bad records (zero bytes, corrupt bytes, a decompression bomb, a
+truncated JPEG, and the first source's first image again in the second source) make the demo's
+ledger show each reason.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def decompression_bomb() -> bytes:
     return buf.getvalue()
 
 
+def _bad_records(first_image: bytes | None) -> list[tuple[str, bytes]]:
+    """One of each kind the ingest ledger knows, spread over the sources in turn."""
+    out = [("empty", b""), ("corrupt", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40 + b"this is not really a png"),
+           ("decompression-bomb", decompression_bomb()), ("truncated", truncated_jpeg())]
+    if first_image is not None:  # the first source gets none of these (indices 0 and 3 above)
+        out.append(("duplicate", first_image))
+    return out
+
+
+def truncated_jpeg() -> bytes:
+    """A JPEG cut off halfway through its entropy-coded data."""
+    rng = np.random.default_rng(7)
+    data = _encode(Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)), "JPEG")
+    return data[: len(data) // 2]
+
+
 def make_demo_data(out: str, n: int = 240, seed: int = 0, rows_per_shard: int = 40,
                    bad_records: bool = True) -> dict[str, int]:
     """Write about ``n`` good rows (plus the bad records) as shards per source."""
@@ -77,6 +94,7 @@ def make_demo_data(out: str, n: int = 240, seed: int = 0, rows_per_shard: int = 
     rng = np.random.default_rng(seed)
     root = Location.parse(out)
     counts = {}
+    first_image = None  # the first source's first image, copied into the second as a duplicate
     for s_index, (source, lang, share) in enumerate(SOURCES):
         rows = {"key": [], "image": [], "text": [], "license": []}
         count = max(int(round(n * share)), 1)
@@ -90,13 +108,13 @@ def make_demo_data(out: str, n: int = 240, seed: int = 0, rows_per_shard: int = 
             rows["text"].append(_alt_text(lang, COLOURS[fg], COLOURS[bg], shape))
             rows["license"].append("cc-by-4.0" if i % 3 else None)
         if bad_records:
-            bad = [b"", b"\xff\xd8\xff\xe0 this is not really a jpeg", decompression_bomb()]
-            bad_texts = ["an empty file", "corrupt bytes", "a decompression bomb"]
-            b = bad[s_index % len(bad)]
-            rows["key"].append(f"{source}-bad")
-            rows["image"].append(b)
-            rows["text"].append(bad_texts[s_index % len(bad)])
-            rows["license"].append(None)
+            for j, (kind, data) in enumerate(_bad_records(first_image)):
+                if j % len(SOURCES) == s_index:
+                    rows["key"].append(f"{source}-bad-{kind}")
+                    rows["image"].append(data)
+                    rows["text"].append(f"a deliberately bad record: {kind}")
+                    rows["license"].append(None)
+        first_image = first_image or rows["image"][0]
         table = pa.table({"key": rows["key"], "image": pa.array(rows["image"], pa.binary()),
                           "text": rows["text"], "license": pa.array(rows["license"], pa.string())})
         for shard, start in enumerate(range(0, table.num_rows, rows_per_shard)):

@@ -3,8 +3,17 @@
 Every check that can reject an image raises ``BadImage(reason, detail)``; stages turn that into
 a ledger row. Reasons: ``missing_image`` (null), ``empty_image`` (zero bytes),
 ``image_too_large`` (encoded bytes over the limit), ``not_an_image`` (no known format),
-``corrupt_image`` (header unreadable), ``too_many_pixels`` (decompression-bomb guard, checked
-from the header before any decode), ``too_small``.
+``corrupt_image`` (header unreadable), ``truncated_image`` (the encoded stream ends early),
+``too_many_pixels`` (decompression-bomb guard, checked from the header before any decode),
+``too_small``.
+
+Sizes come from the header alone. Truncation is checked structurally without decoding (JPEG ends
+with its EOI marker, PNG with IEND, GIF with its trailer, WebP's RIFF length matches); only an
+image that fails that cheap check is fully decoded to decide (some valid files carry trailing
+bytes). ``verify="decode"`` decodes every image instead (slower, stricter).
+
+CMYK, 16-bit, palette, alpha and animated images are kept; their PIL ``mode`` and frame count
+are reported so later stages convert them (``to_rgb``) knowingly.
 
 An image reference is three ingest columns (docs/data-contracts.md):
 ``image_uri`` (the file, or the container holding it), ``image_member`` (the column of a
@@ -15,13 +24,15 @@ Parquet container; null otherwise).
 from __future__ import annotations
 
 import io
+import tarfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ovpipe.shards import Location
 
@@ -51,10 +62,40 @@ class ImageInfo:
     width: int  # after EXIF orientation
     height: int
     format: str
+    mode: str = "RGB"  # PIL mode: RGB, RGBA, L, LA, P, PA, CMYK, I;16, ...
+    frames: int = 1  # > 1 for animated GIF / WebP / PNG
 
 
-def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: int = 1) -> ImageInfo:
-    """Sizes and format from the header alone; raises BadImage with a ledger reason."""
+def _structurally_complete(data: bytes, fmt: str) -> bool | None:
+    """Cheap end-of-stream check per format; None when the format has none."""
+    tail = data[-64:].rstrip(b"\x00\r\n ")
+    if fmt == "JPEG":
+        return tail.endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return b"IEND" in data[-12:]
+    if fmt == "GIF":
+        return tail.endswith(b";")
+    if fmt == "WEBP":
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return None
+
+
+def _decodes(img: Image.Image) -> str | None:
+    """Full decode of every frame; the error text, or None if it decodes."""
+    try:
+        for frame in range(getattr(img, "n_frames", 1)):
+            img.seek(frame)
+            img.load()
+        img.seek(0)
+        return None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ...
+        return f"{type(e).__name__}: {e}"
+
+
+def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: int = 1,
+                verify: str = "structure") -> ImageInfo:
+    """Sizes and format from the header alone, plus a truncation check (see the module
+    docstring); raises BadImage with a ledger reason."""
     if data is None:
         raise BadImage("missing_image", "the image field is null")
     if len(data) == 0:
@@ -72,7 +113,8 @@ def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: i
             raise BadImage("corrupt_image", f"header of a {data[:4]!r}... file does not parse") from None
         raise BadImage("not_an_image", f"no known image format in the first bytes {data[:8]!r}") from None
     except Exception as e:  # PIL raises many types on garbage headers
-        raise BadImage("corrupt_image", f"{type(e).__name__}: {e}") from None
+        reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
+        raise BadImage(reason, f"{type(e).__name__}: {e}") from None
     with img:
         width, height = img.size
         if width * height > max_pixels:
@@ -85,7 +127,30 @@ def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: i
             width, height = height, width
         if min(width, height) < min_side:
             raise BadImage("too_small", f"{width}x{height} has a side under {min_side} px")
-        return ImageInfo(width, height, img.format or "UNKNOWN")
+        fmt = img.format or "UNKNOWN"
+        if verify == "decode" or not _structurally_complete(data, fmt):
+            error = _decodes(img)
+            if error is not None:
+                truncated = "truncated" in error.lower() or "end of" in error.lower()
+                raise BadImage("truncated_image" if truncated else "corrupt_image", error)
+        return ImageInfo(width, height, fmt, img.mode, int(getattr(img, "n_frames", 1) or 1))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB pixels from any mode: first frame of animations, alpha composited on white, CMYK and
+    16-bit converted. Later stages (embedding, packing) call this before using pixels."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        array = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / max(float(array.max()), 1.0) if array.max() > 255 else 1.0
+        return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
 
 
 def fetch_image_bytes(refs: pa.Table, filesystem=None) -> list[bytes | None]:
@@ -98,11 +163,17 @@ def fetch_image_bytes(refs: pa.Table, filesystem=None) -> list[bytes | None]:
     rows = refs.column("image_row").to_pylist()
     out: list[bytes | None] = [None] * len(uris)
     by_container: dict[tuple[str, str], list[int]] = defaultdict(list)
+    by_tar: dict[str, list[int]] = defaultdict(list)
     for i, (uri, member, row) in enumerate(zip(uris, members, rows)):
         if row is not None:
             by_container[(uri, member)].append(i)
+        elif member is not None:
+            by_tar[uri].append(i)
         else:
             out[i] = _read_file(uri, filesystem)
+    for uri, idxs in by_tar.items():
+        for i, data in zip(idxs, _read_tar_members(uri, [members[i] for i in idxs], filesystem)):
+            out[i] = data
     for (uri, column), idxs in by_container.items():
         loc = Location.parse(uri, filesystem)
         try:
@@ -116,6 +187,22 @@ def fetch_image_bytes(refs: pa.Table, filesystem=None) -> list[bytes | None]:
             if 0 <= rows[i] < len(col):
                 out[i] = col[rows[i]].as_py()
     return out
+
+
+def _read_tar_members(uri: str, names: list[str], filesystem) -> list[bytes | None]:
+    """Members of one tar by name (one open, random access through the tar index)."""
+    try:
+        loc = Location.parse(uri, filesystem)
+        with loc.fs.open_input_file(loc.path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            out = []
+            for name in names:
+                try:
+                    out.append(tar.extractfile(name).read())
+                except (KeyError, AttributeError, tarfile.TarError, OSError):
+                    out.append(None)
+            return out
+    except (OSError, ValueError, tarfile.TarError):
+        return [None] * len(names)
 
 
 def _read_file(uri: str, filesystem) -> bytes | None:

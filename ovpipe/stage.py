@@ -15,6 +15,7 @@ A stage is a small object with a name, the config sections that change its outpu
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import traceback
@@ -158,6 +159,18 @@ def open_output(out: Location, payload: dict[str, Any], digest: str, overwrite: 
     write_json(header, {"stage": payload["stage"], "config_hash": digest, "payload": payload})
 
 
+def clear_output(out: Location) -> None:
+    """--overwrite: delete an earlier ovpipe output; a foreign non-empty folder is refused."""
+    if out.join(MANIFEST_DIR, STAGE_FILE).exists():
+        out.delete_tree()
+    elif out.is_dir() and out.list_files():
+        raise OutputConflict(
+            f"output {out.uri()!r} is not empty and is not an ovpipe stage output (no "
+            f"{MANIFEST_DIR}/{STAGE_FILE}); --overwrite only deletes ovpipe outputs. Choose an "
+            "empty or new folder."
+        )
+
+
 def run_shard(stage: Stage, task: ShardTask) -> dict[str, Any]:
     """Process one input shard and commit it. Idempotent: a retry overwrites the same names."""
     start = time.monotonic()
@@ -215,22 +228,29 @@ def _run_shard_safely(stage: Stage, task: ShardTask) -> dict[str, Any]:
                 "traceback": traceback.format_exc(limit=8)}
 
 
-def _prepare(stage: Stage, shards: list[Location], cfg: Config) -> dict[str, Any] | None:
+def _prepare(stage: Stage, shards: list[Location], cfg: Config, input_root: Location,
+             output_root: Location) -> dict[str, Any] | None:
     prepare = getattr(stage, "prepare", None)
     if prepare is None:
         return None
     if getattr(stage, "_prepared_digest", None) is None:
-        stage._prepared_digest = prepare(shards, cfg) or {}
+        # Stages whose global state depends on what is already committed (ingest's dedup keeps
+        # earlier runs' rows) take the output folder too.
+        wants = inspect.signature(prepare).parameters
+        roots = {"input_root": input_root, "output_root": output_root}
+        kwargs = {k: v for k, v in roots.items() if k in wants}
+        stage._prepared_digest = prepare(shards, cfg, **kwargs) or {}
     return stage._prepared_digest
 
 
 def plan_tasks(stage: Stage, cfg: Config, input_root: Location, output_root: Location) -> list[ShardTask]:
-    shards = list_input_shards(input_root, stage.input_suffixes)
+    lister = getattr(stage, "list_shards", None)  # stages whose shards are not plain files
+    shards = lister(input_root, cfg) if lister else list_input_shards(input_root, stage.input_suffixes)
     if not shards:
         raise FileNotFoundError(
             f"{stage.name}: no input shards ({', '.join(stage.input_suffixes)}) under {input_root.uri()!r}"
         )
-    digest = config_hash(stage_config_payload(stage, cfg, _prepare(stage, shards, cfg)))
+    digest = config_hash(stage_config_payload(stage, cfg, _prepare(stage, shards, cfg, input_root, output_root)))
     tasks = [
         ShardTask(stage.name, shard_name_for(input_root, s), s, input_root, output_root, cfg, digest)
         for s in shards
@@ -257,6 +277,8 @@ def run_stage(
     start = time.monotonic()
     input_root = Location.parse(input, filesystem)
     output_root = Location.parse(output, filesystem)
+    if overwrite:  # before planning, so that prepare() never sees outputs about to be deleted
+        clear_output(output_root)
     tasks = plan_tasks(stage, cfg, input_root, output_root)
     payload = stage_config_payload(stage, cfg, getattr(stage, "_prepared_digest", None))
     open_output(output_root, payload, tasks[0].config_hash, overwrite)

@@ -26,7 +26,7 @@ def ray_address():
 
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory) -> Path:
-    """Seeded demo input: 3 sources, 90 good rows and 3 bad ones, in shards of 10 rows."""
+    """Seeded demo input: 3 sources, 90 good rows and 5 bad ones (empty, corrupt, bomb, truncated, duplicate), in shards of 10 rows."""
     from ovpipe.demo_data import make_demo_data
 
     out = tmp_path_factory.mktemp("demo_raw")

@@ -38,7 +38,8 @@ def test_output_schema_identity_and_accounting(ray_address, demo_raw, tmp_path):
     ledger = pq.read_table(tmp_path / "out" / "_ledger")
     assert raw_rows == summary.input_rows == kept.num_rows + ledger.num_rows
     assert kept.schema.equals(INGEST_SCHEMA)
-    assert sorted(set(ledger["reason"].to_pylist())) == ["corrupt_image", "empty_image", "too_many_pixels"]
+    assert sorted(set(ledger["reason"].to_pylist())) == [
+        "corrupt_image", "duplicate", "empty_image", "too_many_pixels", "truncated_image"]
     # identity: the sample id is the content hash of the referenced bytes
     images = fetch_image_bytes(kept)
     assert [xxhash.xxh3_64_hexdigest(b) for b in images] == kept["sample_id"].to_pylist()
@@ -68,7 +69,7 @@ def test_changed_config_is_refused_then_overwritten(ray_address, demo_raw, tmp_p
     with pytest.raises(OutputConflict, match=r"ingest\.max_pixels: 89478485 -> 1000.*--overwrite"):
         ingest(demo_raw, tmp_path / "o", "ingest.max_pixels=1000")
     summary = ingest(demo_raw, tmp_path / "o", "ingest.max_pixels=1000", overwrite=True)
-    assert summary.kept_rows == 0 and summary.dropped_by_reason["too_many_pixels"] == 91
+    assert summary.kept_rows == 0 and summary.dropped_by_reason["too_many_pixels"] == 93
 
 
 def test_foreign_output_folder_is_refused(ray_address, demo_raw, tmp_path):
@@ -120,7 +121,7 @@ def test_ray_job_entrypoint_runs_the_stage(ray_address, demo_raw, tmp_path):
     assert set(read_table(Location.parse(str(out / "coyo__part-00000.parquet")))["source"].to_pylist()) == {"fixed"}
     ledger = subprocess.run([python_exe(), "-m", "ovpipe.cli", "ledger", str(out)],
                             env=subprocess_env(), capture_output=True, text=True)
-    assert "too_many_pixels" in ledger.stdout and "total dropped: 3" in ledger.stdout
+    assert "too_many_pixels" in ledger.stdout and "total dropped: 5" in ledger.stdout
 
 
 def test_missing_image_column_fails_with_a_clear_message(ray_address, tmp_path):

@@ -22,7 +22,7 @@ def test_ray_job_submit_runs_ingest(demo_raw, tmp_path):
     summary = json.loads((out / "_manifest" / "_summary.json").read_text())
     kept = pq.read_table(out, schema=INGEST_SCHEMA).num_rows
     ledger = pq.read_table(out / "_ledger").num_rows
-    assert summary["input_rows"] == 93 == kept + ledger
+    assert summary["input_rows"] == 95 == kept + ledger
     assert kept == 90
     leftovers = subprocess.run(["pgrep", "-f", head["temp_dir"]], capture_output=True, text=True)
     assert leftovers.stdout == "", f"ray processes left behind: {leftovers.stdout}"

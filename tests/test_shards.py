@@ -66,11 +66,12 @@ def test_ingest_end_to_end_on_memory_filesystem(memory_fs, demo_raw):
             f.write(loc.read_bytes())
     cfg = load_config(overrides=["run.executor=local"])
     summary = run_stage(IngestStage(), "/raw", "/out", cfg, filesystem=memory_fs, quiet=True)
-    assert summary.input_rows == 93 and summary.kept_rows == 90 and summary.dropped_rows == 3
+    assert summary.input_rows == 95 and summary.kept_rows == 90 and summary.dropped_rows == 5
     out = Location.parse("/out", memory_fs)
     assert sum(read_table(s).num_rows for s in list_input_shards(out)) == 90
     counts = dict(zip(*ledger_counts(out).select("reason", "count").to_dict(as_series=False).values()))
-    assert counts == {"corrupt_image": 1, "empty_image": 1, "too_many_pixels": 1}
+    assert counts == {"corrupt_image": 1, "duplicate": 1, "empty_image": 1, "too_many_pixels": 1,
+                      "truncated_image": 1}
 
 
 def test_ingest_through_ray_on_subtree_filesystem(ray_address, demo_raw, tmp_path):
@@ -83,7 +84,7 @@ def test_ingest_through_ray_on_subtree_filesystem(ray_address, demo_raw, tmp_pat
         with fs.open_output_stream("raw" + rel) as f:
             f.write(loc.read_bytes())
     summary = run_stage(IngestStage(), "raw", "out", load_config(), filesystem=fs, quiet=True)
-    assert (summary.input_rows, summary.kept_rows) == (93, 90)
+    assert (summary.input_rows, summary.kept_rows) == (95, 90)
     assert (tmp_path / "out" / "_manifest" / "_summary.json").exists()
 
 
