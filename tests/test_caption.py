@@ -190,6 +190,20 @@ def test_unavailable_images_and_failed_requests_are_ledgered(ray_address, ingest
     assert requests == 3 * (n - 2)  # the first try and two retries, then the ledger
 
 
+def test_client_errors_are_not_retried_and_the_api_key_comes_from_the_environment(ingested, tmp_path, monkeypatch):
+    monkeypatch.setenv("OVPIPE_TEST_KEY", "sk-test-123")
+    one_shard = sorted(ingested.glob("*.parquet"))[0]
+    n = pq.read_metadata(one_shard).num_rows
+    with ChatServer(error_rate=1.0, error_statuses=(400,)) as server:
+        summary = caption(one_shard, tmp_path / "o", openai_overrides(
+            server, 'caption.api_key_env="OVPIPE_TEST_KEY"', 'run.executor="local"'))
+        assert server.stats.requests == n  # a 400 is final: no retries
+        assert server.stats.authorizations == Counter({"Bearer sk-test-123": n})
+    assert summary.dropped_by_reason == {"caption_request_failed": n}
+    detail = read_ledger(Location.parse(str(tmp_path / "o"))).to_arrow()["detail"][0].as_py()
+    assert "HTTP 400" in detail
+
+
 def test_server_that_dies_mid_run_and_comes_back_loses_nothing(ingested, tmp_path):
     settings = ["caption.max_in_flight=4", "caption.max_retries=12", "caption.backoff_base_s=0.1",
                 "caption.backoff_max_s=1.0", "caption.zh_share=0.3"]

@@ -102,6 +102,7 @@ class Stats:
     max_in_flight: int = 0
     answers: Counter = field(default_factory=Counter)
     per_sample: Counter = field(default_factory=Counter)
+    authorizations: Counter = field(default_factory=Counter)  # Authorization headers seen
     bodies: list = field(default_factory=list)  # last few request bodies, for inspection
 
 
@@ -218,6 +219,7 @@ class ChatServer:
             self.stats.in_flight += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
             self.stats.per_sample[key] += 1
+            self.stats.authorizations[request.headers.get("Authorization", "")] += 1
         try:
             body = await request.json()
             if len(self.stats.bodies) < self.keep_bodies:
