@@ -242,7 +242,7 @@ def to_model_input(pixels: np.ndarray, mean: np.ndarray, std: np.ndarray):
     """uint8 NHWC -> normalised float32 NCHW, the same arithmetic as ToTensor + Normalize."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div(255)
+    x = torch.from_numpy(np.array(pixels, np.uint8)).permute(0, 3, 1, 2).float().div(255)  # own copy: writable
     return x.sub_(torch.from_numpy(mean)[:, None, None]).div_(torch.from_numpy(std)[:, None, None])
 
 
