@@ -357,7 +357,19 @@ def test_resume_redoes_only_missing_buckets_and_config_change_is_refused(ray_add
     assert json.loads((out / "pack_stats.json").read_text())["max_len"] == 700
 
 
-def test_cli_and_ray_job_entrypoint(ray_address, caption_input, tmp_path):
+def test_cli_pack_command(ray_address, caption_input, tmp_path):
+    from ovpipe.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["pack", "--input", str(caption_input), "--output", str(out), "--max-len", "600",
+                 "--buckets", "3", "--max-samples-per-pack", "2", "--seed", "5", "--set",
+                 "pack.max_pixels=200704", "--quiet"]) == 0
+    packs = read_packs(out)
+    assert max(len(s) for s in packs.column("sample_ids").to_pylist()) <= 2
+
+
+@pytest.mark.slow
+def test_ray_job_entrypoint_matches_cli(ray_address, caption_input, tmp_path):
     import subprocess
 
     from ovpipe.cli import main
@@ -367,8 +379,6 @@ def test_cli_and_ray_job_entrypoint(ray_address, caption_input, tmp_path):
     assert main(["pack", "--input", str(caption_input), "--output", str(out), "--max-len", "600",
                  "--buckets", "3", "--max-samples-per-pack", "2", "--seed", "5", "--set",
                  "pack.max_pixels=200704", "--quiet"]) == 0
-    packs = read_packs(out)
-    assert max(len(s) for s in packs.column("sample_ids").to_pylist()) <= 2
     job = tmp_path / "job"
     proc = subprocess.run([python_exe(), "-m", "ray_jobs.pack", "--input", str(caption_input), "--output",
                            str(job), "--max-len", "600", "--buckets", "3", "--max-samples-per-pack", "2",
