@@ -7,7 +7,9 @@ Reads:  any ovpipe shards with ``sample_id``, optional ``sample_hash`` (uint64) 
 Writes: ``OUT/<shard>.parquet``: the input columns + ``caption`` (string), ``language``
         ("en" / "zh") and ``captioner`` ("<model>@<prompt_version>"); ledger rows with stage
         ``caption`` and the reasons of ``curation.caption_filter`` plus ``image_unavailable``,
-        ``caption_request_failed``, ``duplicate_caption`` and ``near_duplicate_caption``.
+        ``caption_request_failed``, ``duplicate_caption``, ``near_duplicate_caption`` and, when
+        ``caption.min_image_text_similarity`` > -1, ``caption_low_similarity`` (English captions
+        whose embed-model text embedding is far from the row's image ``embedding``).
 
 Two passes, both ordinary ``run_stage`` runs (so both resume through their manifests):
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import functools
 import importlib.util
 import io
 import json
@@ -314,19 +317,25 @@ class CaptionStage:
         if c.minhash_perms % c.minhash_bands:
             raise ValueError(f"caption.minhash_bands ({c.minhash_bands}) must divide caption.minhash_perms "
                              f"({c.minhash_perms})")
+        digest: dict[str, Any] = {}
+        if c.min_image_text_similarity > -1:  # the embed model is part of what decides the output
+            from curation.embed import ModelSpec
+
+            digest["similarity_model"] = ModelSpec.from_config(cfg.embed).identity()
         if c.backend == "concepts":
             self.vocabulary = load_vocabulary(c.concepts_vocabulary)
-            return {"vocabulary": self.vocabulary[2], "concepts": len(self.vocabulary[0])}
+            return {**digest, "vocabulary": self.vocabulary[2], "concepts": len(self.vocabulary[0])}
         if not c.model:
             raise ValueError(f"caption.backend = {c.backend!r} needs caption.model (--model NAME)")
         if c.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             caption_vllm([], [], [], c, 0)  # raises the clear MissingBackend message
-        return {}
+        return digest
 
     def process(self, task: ShardTask) -> ShardOutput:
         c, seed = task.config.caption, task.config.run.seed
         table = read_table(task.input)
-        _require(table, task, ["sample_id"] + (["concept_ids"] if c.backend == "concepts" else list(IMAGE_REF)))
+        _require(table, task, ["sample_id"] + (["concept_ids"] if c.backend == "concepts" else list(IMAGE_REF))
+                 + (["embedding"] if c.min_image_text_similarity > -1 else []))
         table = table.drop_columns([f.name for f in OUTPUT_COLUMNS + HELPER_COLUMNS if f.name in table.column_names])
         ids = table.column("sample_id").to_pylist()
         sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * len(ids)
@@ -339,6 +348,8 @@ class CaptionStage:
                 answers, _retries = caption_openai(ids, images, languages, c, seed)
             else:
                 answers = caption_vllm(ids, images, languages, c, seed)
+        if c.min_image_text_similarity > -1:
+            answers = similarity_filter(table, languages, answers, task.config)
         return self._output(task, table, ids, languages, answers)
 
     def _concept_answers(self, table: pa.Table, languages: list[str], c: CaptionSection) -> list[Answer]:
@@ -378,6 +389,46 @@ class CaptionStage:
         for f, values in zip(OUTPUT_COLUMNS + HELPER_COLUMNS, columns):
             out = out.append_column(f, pa.array(values, f.type))
         return ShardOutput(out, ledger, table.num_rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _text_tower(spec):
+    import open_clip
+
+    from curation.embed import load_model
+
+    return load_model(spec, "cpu"), open_clip.get_tokenizer(spec.name)
+
+
+def image_text_cosine(captions: list[str], image_embeddings: np.ndarray, cfg: Config) -> np.ndarray:
+    """Cosine similarity of each caption (embed model's text tower, CPU) with its image embedding."""
+    import torch
+
+    from curation.embed import ModelSpec
+
+    model, tokenizer = _text_tower(ModelSpec.from_config(cfg.embed))
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(captions)).float().numpy()
+    text /= np.linalg.norm(text, axis=1, keepdims=True) + 1e-12
+    img = image_embeddings.astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True) + 1e-12
+    return (text * img).sum(axis=1)
+
+
+def similarity_filter(table: pa.Table, languages: list[str], answers: list[Answer], cfg: Config) -> list[Answer]:
+    """Reject English captions that do not describe their image (MetaCLIP's text tower is English)."""
+    threshold = cfg.caption.min_image_text_similarity
+    rows = [i for i, (a, lang) in enumerate(zip(answers, languages)) if a.rejected is None and lang == "en"]
+    if not rows:
+        return answers
+    emb = table.column("embedding").combine_chunks().take(pa.array(rows))
+    flat = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), -1)
+    cosine = image_text_cosine([answers[i].text for i in rows], flat, cfg)
+    out = list(answers)
+    for i, cos in zip(rows, cosine.tolist()):
+        if cos < threshold:
+            out[i] = Answer(None, ("caption_low_similarity", f"image-text cosine {cos:.3f} < {threshold}"))
+    return out
 
 
 def _require(table: pa.Table, task: ShardTask, columns: list[str]) -> None:

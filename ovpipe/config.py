@@ -177,6 +177,10 @@ class CaptionSection(Section):
                                   json_schema_extra=NOT_HASHED)
     vllm_batch_size: int = Field(32, gt=0, description="vllm backend: rows per engine batch.",
                                  json_schema_extra=NOT_HASHED)
+    min_image_text_similarity: float = Field(
+        -1.0, ge=-1, le=1, description="English captions whose cosine similarity to their image under "
+        "the embed model (embed.* settings; needs the `embedding` column) is lower are ledgered "
+        "caption_low_similarity; -1 = off.")
     vllm_engine_kwargs: str = Field("{}", description="vllm backend: extra vLLM engine arguments as "
                                     "a JSON object (max_model_len, tensor_parallel_size, …).")
 

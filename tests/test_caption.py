@@ -329,6 +329,47 @@ def test_concepts_backend_is_deterministic_and_dedups_globally(ray_address, inge
     assert one.input_rows == one.kept_rows + one.dropped_rows
 
 
+def text_embeddings(captions, cfg):
+    import torch
+
+    from curation.caption import _text_tower
+    from curation.embed import ModelSpec
+
+    model, tok = _text_tower(ModelSpec.from_config(cfg.embed))
+    with torch.no_grad():
+        return model.encode_text(tok(captions)).float().numpy()
+
+
+def test_captions_that_do_not_match_their_image_embedding_are_ledgered(ray_address, ingested, tmp_path):
+    """Image embeddings made from the captions' own text embeddings (tiny seeded open_clip):
+    rows given the negated vector must fail the similarity check, the others pass."""
+    import numpy as np
+
+    vocab = tmp_path / "vocab.tsv"
+    vocab.write_text("id\ten\tzh\n" + "".join(f"{i}\t{en}\t{zh}\n" for i, (en, zh) in enumerate(VOCAB)))
+    inp = with_concepts(ingested, tmp_path / "in")
+    common = [f'caption.concepts_vocabulary="{vocab}"', "caption.zh_share=0.0", "caption.dedup_exact=false",
+              "caption.near_dup_threshold=0.0", 'embed.model="ovpipe-tiny-clip"', 'embed.pretrained="random"']
+    cfg = load_config(overrides=common)
+    flipped = set()
+    for p in sorted(inp.glob("*.parquet")):
+        t = pq.read_table(p)
+        captions = [concept_caption(list(dict.fromkeys(VOCAB[i][0] for i in ids))[:3], "en")
+                    for ids in t["concept_ids"].to_pylist()]
+        emb = text_embeddings(captions, cfg)
+        sign = np.array([-1.0 if h % 3 == 0 else 1.0 for h in t["sample_hash"].to_pylist()], np.float32)
+        flipped |= {s for s, f in zip(t["sample_id"].to_pylist(), sign) if f < 0}
+        emb = (emb * sign[:, None]).astype(np.float16)
+        t = t.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1]))
+        pq.write_table(t, p)
+    summary = caption(inp, tmp_path / "o", common + ["caption.min_image_text_similarity=0.5"])
+    ledger = read_ledger(Location.parse(str(tmp_path / "o"))).to_arrow().to_pylist()
+    assert {r["sample_id"] for r in ledger if r["reason"] == "caption_low_similarity"} == flipped
+    assert summary.dropped_by_reason == {"caption_low_similarity": len(flipped)} and flipped
+    with pytest.raises(OutputConflict, match="similarity"):  # the threshold is part of the output's identity
+        caption(inp, tmp_path / "o", common + ["caption.min_image_text_similarity=0.4"])
+
+
 def test_concepts_backend_without_concepts_fails_clearly(ingested, tmp_path):
     with pytest.raises(RuntimeError, match=r"lacks columns \['concept_ids'\].*assign output"):
         caption(ingested, tmp_path / "o", [])
