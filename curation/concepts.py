@@ -228,10 +228,11 @@ def _read_entry(folder: Path, key: str, components: dict[str, Any], names: list[
 
 
 def load_or_build(vocabulary: str, spec, template: str = "{}", cache_dir: str = "", batch_size: int = 256,
-                  device: str = "auto", build: Callable | None = None, log=sys.stderr) -> ConceptTable:
+                  device: str = "auto", build: Callable | None = None, log=None) -> ConceptTable:
     """The concept table for (model, vocabulary, template): from the cache when present and
     consistent, else embedded now (``build(names, spec, template, batch_size, device)``, default
     ``embed_concepts`` in this process) and cached. Says which on `log`."""
+    log = log or sys.stderr
     check_template(template)
     names = load_vocabulary(vocabulary)
     zh = [z for _en, z in load_builtin_vocabulary()] if vocabulary == BUILTIN else None
