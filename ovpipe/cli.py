@@ -177,12 +177,55 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--n", type=int, default=240, help="good rows in total")
     demo_data.add_argument("--seed", type=int, default=0)
 
+    run = sub.add_parser("run", help="the whole pipeline from one config (locally, or submitted to a cluster)")
+    add_pipeline_arguments(run)
+    run.add_argument("--address", default=None,
+                     help="submit to this Ray cluster's job server (http://HEAD:8265) and follow the logs")
+    run.add_argument("--no-wait", action="store_true", help="with --address: submit and return")
+
     demo = sub.add_parser("demo", help="make demo data and run every stage on it")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--n", type=int, default=240)
     _add_config_arguments(demo)
     demo.add_argument("--overwrite", action="store_true")
     return parser
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", default=None, help="raw input (folder or URI); else pipeline.input")
+    parser.add_argument("--output", default=None, help="output root (folder or URI); else pipeline.output")
+    parser.add_argument("--run-id", default=None, help="version name; else pipeline.run_id or a hash of config + inputs")
+    parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all)")
+    _add_config_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="delete earlier outputs of these steps first")
+
+
+def pipeline_config(args: argparse.Namespace):
+    """The resolved config with the flags folded in, checked for an input and an output."""
+    overrides = list(args.overrides)
+    for flag, key in (("input", "input"), ("output", "output"), ("run_id", "run_id")):
+        if getattr(args, flag):
+            overrides.append(f"pipeline.{key}={json.dumps(getattr(args, flag))}")
+    if args.steps:
+        overrides.append(f"pipeline.steps={json.dumps(args.steps.split(','))}")
+    cfg = load_config(args.config, overrides)
+    if not cfg.pipeline.input or not cfg.pipeline.output:
+        raise ConfigError("the pipeline needs an input and an output: pass --input/--output or set "
+                          "pipeline.input and pipeline.output in the config")
+    return cfg
+
+
+def run_pipeline_command(args: argparse.Namespace) -> int:
+    from ovpipe.pipeline import run_pipeline, run_summary_table
+
+    cfg = pipeline_config(args)
+    p = cfg.pipeline
+    manifest = run_pipeline(p.input, p.output, cfg, run_id=p.run_id or None, overwrite=args.overwrite,
+                            steps=p.steps or None)
+    print(run_summary_table(manifest))
+    print(f"run {manifest['run_id']} finished in {manifest['seconds']:.1f}s; run manifest: "
+          f"{manifest['output'].rstrip('/')}/runs/{manifest['run_id']}.json")
+    return 0
 
 
 def _guarded(prog: str, fn: Callable[[], int]) -> int:
@@ -228,12 +271,29 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from ovpipe.demo import run_demo
 
+        from ovpipe.pipeline import run_summary_table
+
         start = time.monotonic()
-        summaries = run_demo(args.out, args.n, load_config(args.config, args.overrides), args.overwrite)
-        print(summary_table([s.to_json() for s in summaries]))
+        manifest = run_demo(args.out, args.n, load_config(args.config, args.overrides), args.overwrite)
+        print(run_summary_table(manifest))
         print(f"demo finished in {time.monotonic() - start:.1f}s; outputs under {args.out}")
         return 0
+    if args.command == "run":
+        if args.address:
+            from ovpipe.submit import submit_pipeline
+
+            return submit_pipeline(args.address, pipeline_config(args), wait=not args.no_wait,
+                                   overwrite=args.overwrite)
+        return run_pipeline_command(args)
     raise AssertionError(args.command)
+
+
+def pipeline_main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m ray_jobs.pipeline`: the same arguments as `ovpipe run`."""
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.pipeline", description="the whole pipeline")
+    add_pipeline_arguments(parser)
+    args = parser.parse_args(argv)
+    return _guarded("pipeline", lambda: run_pipeline_command(args))
 
 
 def stage_main(name: str, argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ so changing the packer's settings does not invalidate finished ingest shards.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -348,6 +349,19 @@ class PackSection(Section):
                        json_schema_extra=NOT_HASHED)
 
 
+class PipelineSection(Section):
+    """The whole pipeline (`ovpipe run`, `python -m ray_jobs.pipeline`): ovpipe/pipeline.py."""
+
+    input: str = Field("", description="Raw input shards (folder or URI); --input overrides.",
+                       json_schema_extra=NOT_HASHED)
+    output: str = Field("", description="Root of every stage's output (folder or URI); --output overrides.",
+                        json_schema_extra=NOT_HASHED)
+    run_id: str = Field("", description="Name of this run's version; empty = a hash of config + input listing.",
+                        json_schema_extra=NOT_HASHED)
+    steps: list[str] = Field([], description="Steps to run; empty = all (ingest, embed, assign, balance, "
+                             "caption, pack).", json_schema_extra=NOT_HASHED)
+
+
 class Config(Section):
     run: RunSection = RunSection()
     ray: RaySection = RaySection()
@@ -357,6 +371,7 @@ class Config(Section):
     caption: CaptionSection = CaptionSection()
     balance: BalanceSection = BalanceSection()
     pack: PackSection = PackSection()
+    pipeline: PipelineSection = PipelineSection()
 
 
 class ConfigError(ValueError):
@@ -421,7 +436,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the TOML file, then ``--set`` overrides, validated together."""
     data: dict[str, Any] = {}
     origin = "defaults"
-    if path:
+    if path and str(path).startswith("env:"):  # a resolved config shipped to a Ray job as JSON
+        name = str(path)[4:]
+        try:
+            data = json.loads(os.environ[name])
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"--config {path}: environment variable {name} is missing or not JSON ({e})") from None
+        origin = str(path)
+    elif path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass a TOML file to --config")
