@@ -56,7 +56,6 @@ from PIL import Image
 
 from curation.caption_client import ChatClient, ClientSettings, RequestFailed
 from curation.caption_filter import (
-    CaptionRef,
     FilterRules,
     band_keys,
     caption_key,
@@ -65,11 +64,21 @@ from curation.caption_filter import (
     jaccard_estimate,
     minhash,
     near_duplicate_candidates,
+    winner_rank,
 )
 from ovpipe.config import CaptionSection, Config
 from ovpipe.images import fetch_image_bytes
 from ovpipe.ledger import Ledger
-from ovpipe.shards import MANIFEST_DIR, STAGE_FILE, SUMMARY_FILE, Location, read_json, read_table, write_json
+from ovpipe.shards import (
+    MANIFEST_DIR,
+    STAGE_FILE,
+    SUMMARY_FILE,
+    Location,
+    read_json,
+    read_table,
+    write_json,
+    write_table,
+)
 from ovpipe.stage import (
     OutputConflict,
     ShardOutput,
@@ -443,111 +452,139 @@ def _require(table: pa.Table, task: ShardTask, columns: list[str]) -> None:
 # --- pass 2: the global duplicate pass ---------------------------------------------------------
 
 class CaptionDedupStage:
+    """Pass 2. ``prepare`` runs the global reduction and writes each shard's losers to
+    ``<pass 1>/_dedup/<shard>.parquet`` (row, reason, detail): tasks read only their own file, so
+    nothing of size O(dataset) travels to every task. Rewritten identically on every run."""
+
     name = "caption_dedup"
     config_sections = ("run", "caption")
     schema_version = 1
     input_suffixes = (".parquet",)
 
-    def __init__(self) -> None:
-        self.losers: dict[str, dict[int, tuple[str, str]]] = {}  # shard path -> row -> (reason, detail)
-
     def prepare(self, shards: list[Location], cfg: Config) -> dict[str, Any]:
-        self.losers = find_duplicate_rows(shards, cfg.caption)
-        flat = sorted((path, row, reason) for path, rows in self.losers.items()
-                      for row, (reason, _) in rows.items())
-        digest = xxhash.xxh3_64_hexdigest(json.dumps(flat).encode())
         c = cfg.caption
+        losers = find_duplicate_rows(shards, c)
+        folder = Location(shards[0].fs, posixpath.join(posixpath.dirname(shards[0].path), DEDUP_DIR))
+        folder.delete_tree()
+        digest = xxhash.xxh3_64()
+        for loc in shards:
+            table = losers.get(loc.path, LOSER_SCHEMA.empty_table())
+            write_table(folder.join(loc.name), table)
+            digest.update(loc.name.encode())
+            digest.update(table.column("row").to_numpy().tobytes())
+            digest.update("\n".join(table.column("reason").to_pylist()).encode())
         return {"dedup": {"exact": c.dedup_exact, "near_dup_threshold": c.near_dup_threshold,
                           "minhash_bands": c.minhash_bands},
-                "losers": len(flat), "losers_digest": digest}
+                "losers": sum(t.num_rows for t in losers.values()), "losers_digest": digest.hexdigest()}
 
     def process(self, task: ShardTask) -> ShardOutput:
         table = read_table(task.input)
-        losers = self.losers.get(task.input.path, {})
+        losers = read_table(Location(task.input.fs, posixpath.join(posixpath.dirname(task.input.path), DEDUP_DIR,
+                                                                    task.input.name)))
         ledger = Ledger(LEDGER_STAGE)
         ids = table.column("sample_id").to_pylist()
         locators = table.column("caption_locator").to_pylist()  # the caption stage's input, not OUT/_captions
-        for row in sorted(losers):
-            reason, detail = losers[row]
+        rows = losers.column("row").to_pylist()
+        for row, reason, detail in zip(rows, losers.column("reason").to_pylist(), losers.column("detail").to_pylist()):
             ledger.drop(locators[row], reason, detail, ids[row])
         mask = np.ones(table.num_rows, dtype=bool)
-        mask[list(losers)] = False
+        mask[rows] = False
         out = table.filter(pa.array(mask)).drop_columns([f.name for f in HELPER_COLUMNS])
         return ShardOutput(out, ledger, table.num_rows)
 
 
-def _orders(table: pa.Table, shard: str) -> list[tuple]:
-    ids = table.column("sample_id").to_pylist()
-    if "sample_hash" in table.column_names:
-        hashes = table.column("sample_hash").to_pylist()
-    else:
-        hashes = [xxhash.xxh3_64_intdigest(s.encode()) for s in ids]
-    return [(h, s, shard, r) for r, (h, s) in enumerate(zip(hashes, ids))]
+DEDUP_DIR = "_dedup"
+LOSER_SCHEMA = pa.schema([pa.field("row", pa.int32()), pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 
 
-def find_duplicate_rows(shards: list[Location], c: CaptionSection) -> dict[str, dict[int, tuple[str, str]]]:
-    """The global reduction: per-shard hash columns in, {shard path: {row: (reason, detail)}} out."""
-    refs: list[CaptionRef] = []
-    orders: list[tuple] = []
-    bands: list[np.ndarray] = []
-    for loc in shards:
-        cols = ["sample_id", "caption_key"] + (["sample_hash"] if _has_column(loc, "sample_hash") else [])
-        table = read_table(loc, columns=cols)
-        o = _orders(table, loc.path)
-        refs.extend(CaptionRef(order, key) for order, key in zip(o, table.column("caption_key").to_pylist()))
+def find_duplicate_rows(shards: list[Location], c: CaptionSection) -> dict[str, pa.Table]:
+    """The global reduction: per-shard hash columns in, {shard path: LOSER_SCHEMA table} out.
+    Driver memory: ~40 bytes per caption, plus 8 per LSH band when near-dedup is on."""
+    hashes, keys, shard_of, row_of, bands, ids = [], [], [], [], [], []
+    for i, loc in enumerate(shards):
+        names = pq_names(loc)
+        cols = ["sample_id", "caption_key"] + [c_ for c_ in ("sample_hash",) if c_ in names]
         if c.near_dup_threshold > 0:
-            sig = read_table(loc, columns=["caption_minhash"]).column("caption_minhash").combine_chunks()
-            flat = sig.flatten().to_numpy(zero_copy_only=False).reshape(len(o), c.minhash_perms)
-            orders.extend(o)
-            bands.append(band_keys(flat, c.minhash_bands))
-    losers: dict[str, dict[int, tuple[str, str]]] = {}
+            cols.append("caption_minhash")
+        t = read_table(loc, columns=cols)
+        n = t.num_rows
+        ids.append(t.column("sample_id"))
+        hashes.append(t.column("sample_hash").to_numpy() if "sample_hash" in names else
+                      np.array([xxhash.xxh3_64_intdigest(s.encode()) for s in t.column("sample_id").to_pylist()],
+                               dtype=np.uint64))
+        keys.append(t.column("caption_key").to_numpy())
+        shard_of.append(np.full(n, i, np.int32))
+        row_of.append(np.arange(n, dtype=np.int32))
+        if c.near_dup_threshold > 0:
+            sig = _signature_matrix(t.column("caption_minhash"), n, c.minhash_perms)
+            bands.append(band_keys(sig, c.minhash_bands))
+    if not shards or not sum(len(k) for k in keys):
+        return {}
+    keys_all, shard_all, row_all = np.concatenate(keys), np.concatenate(shard_of), np.concatenate(row_of)
+    rank = winner_rank(np.concatenate(hashes), shard_all, row_all)
+    sample_ids = pa.chunked_array([chunk for col in ids for chunk in col.chunks], pa.string())
+    lost_idx, lost_reason, lost_detail = [], [], []
+    alive = np.ones(len(keys_all), dtype=bool)
+    if c.dedup_exact:
+        losers, winners = exact_duplicates(keys_all, rank)
+        alive[losers] = False
+        lost_idx.append(losers)
+        lost_reason += ["duplicate_caption"] * len(losers)
+        lost_detail += [f"same normalised caption as sample {w}" for w in sample_ids.take(pa.array(winners)).to_pylist()]
+    if c.near_dup_threshold > 0:
+        idx = np.flatnonzero(alive)
+        members, leaders = near_duplicate_candidates(np.concatenate(bands)[idx], rank[idx])
+        members, leaders = idx[members], idx[leaders]
+        if len(members):
+            needed = np.unique(np.concatenate([members, leaders]))
+            sig = _signatures(shards, needed, shard_all, row_all, c.minhash_perms)
+            done: set[int] = set()
+            near = []
+            for m, leader in zip(members.tolist(), leaders.tolist()):
+                if m in done:
+                    continue
+                sim = jaccard_estimate(sig[m], sig[leader])
+                if sim >= c.near_dup_threshold:
+                    done.add(m)
+                    near.append((m, leader, sim))
+            if near:
+                lost_idx.append(np.array([m for m, _, _ in near], dtype=np.int64))
+                lost_reason += ["near_duplicate_caption"] * len(near)
+                names = sample_ids.take(pa.array([leader for _, leader, _ in near])).to_pylist()
+                lost_detail += [f"estimated Jaccard {sim:.2f} with sample {n}" for (_, _, sim), n in zip(near, names)]
+    if not lost_idx:
+        return {}
+    lost = np.concatenate(lost_idx)
+    table = pa.table({"shard": shard_all[lost], "row": row_all[lost], "reason": lost_reason, "detail": lost_detail})
+    table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
+    out = {}
+    for i in np.unique(shard_all[lost]).tolist():
+        part = table.filter(pc.equal(table.column("shard"), i)).drop_columns(["shard"])
+        out[shards[i].path] = part.cast(LOSER_SCHEMA)
+    return out
 
-    def lose(order: tuple, reason: str, detail: str) -> None:
-        losers.setdefault(order[2], {}).setdefault(order[3], (reason, detail))
 
-    exact = exact_duplicates(refs) if c.dedup_exact else {}
-    for loser, winner in exact.items():
-        lose(loser, "duplicate_caption", f"same normalised caption as sample {winner[1]}")
-    if c.near_dup_threshold > 0 and orders:
-        keep = [i for i, o in enumerate(orders) if o not in exact]
-        kept_orders = [orders[i] for i in keep]
-        candidates = near_duplicate_candidates(kept_orders, np.concatenate(bands)[keep])
-        if candidates:
-            needed = set(candidates) | {l for ls in candidates.values() for l in ls}
-            signatures = _signatures(shards, needed, c.minhash_perms)
-            for member in sorted(candidates):
-                for leader in sorted(candidates[member]):
-                    sim = jaccard_estimate(signatures[member], signatures[leader])
-                    if sim >= c.near_dup_threshold:
-                        lose(member, "near_duplicate_caption",
-                             f"estimated Jaccard {sim:.2f} with sample {leader[1]}")
-                        break
-    return losers
-
-
-def _has_column(loc: Location, name: str) -> bool:
+def pq_names(loc: Location) -> list[str]:
     import pyarrow.parquet as pq
 
     with loc.fs.open_input_file(loc.path) as f:
-        return name in pq.ParquetFile(f).schema_arrow.names
+        return pq.ParquetFile(f).schema_arrow.names
 
 
-def _signatures(shards: list[Location], needed: set[tuple], perms: int) -> dict[tuple, np.ndarray]:
-    """MinHash signatures of the candidate rows only, read shard by shard."""
-    rows_by_shard: dict[str, set[int]] = {}
-    for o in needed:
-        rows_by_shard.setdefault(o[2], set()).add(o[3])
-    by_row: dict[tuple[str, int], np.ndarray] = {}
-    for loc in shards:
-        rows = rows_by_shard.get(loc.path)
-        if not rows:
-            continue
-        col = read_table(loc, columns=["caption_minhash"]).column("caption_minhash")
-        picked = sorted(rows)
-        values = pc.take(col, pa.array(picked)).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        for r, sig in zip(picked, values.reshape(len(picked), perms)):
-            by_row[(loc.path, r)] = sig
-    return {o: by_row[(o[2], o[3])] for o in needed}
+def _signature_matrix(column: pa.ChunkedArray, n: int, perms: int) -> np.ndarray:
+    return column.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, perms)
+
+
+def _signatures(shards: list[Location], needed: np.ndarray, shard_all: np.ndarray, row_all: np.ndarray,
+                perms: int) -> dict[int, np.ndarray]:
+    """MinHash signatures of the candidate rows only, read again shard by shard."""
+    out: dict[int, np.ndarray] = {}
+    for i in np.unique(shard_all[needed]).tolist():
+        picked = needed[shard_all[needed] == i]
+        col = read_table(shards[i], columns=["caption_minhash"]).column("caption_minhash")
+        sig = _signature_matrix(pc.take(col, pa.array(row_all[picked])), len(picked), perms)
+        out.update(zip(picked.tolist(), sig))
+    return out
 
 
 # --- both passes -------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ Global pass (``find_duplicates``), over every caption of the stage output:
 
 * exact duplicates: same ``caption_key`` (xxh3-64 of the normalised caption: NFKC, lower case,
   punctuation and whitespace runs collapsed); the winner is the smallest (sample_hash,
-  sample_id, shard, row); every other row is ``duplicate_caption``;
+  sample_id) (input position only breaks ties of a sample seen twice); every other row is
+  ``duplicate_caption``;
 * near duplicates (when ``near_dup_threshold`` > 0): MinHash of word 3-shingles (en) /
   character 3-shingles (zh), ``minhash_bands`` LSH bands. Within each band bucket the member
   with the smallest key is the leader; any other member whose estimated Jaccard similarity to
@@ -37,7 +38,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import xxhash
@@ -197,51 +198,60 @@ def minhash(text: str, language: str, num_perm: int) -> np.ndarray:
     return mixed.min(axis=1).astype(np.uint32)
 
 
+_BAND_MULT = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime
+
+
 def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
-    """uint64[n, bands]: one bucket key per LSH band (band index mixed in)."""
+    """uint64[n, bands]: one LSH bucket key per band of each signature (vectorised; the band
+    index seeds the hash, so equal values in different bands never share a bucket)."""
     n, num_perm = signatures.shape
     rows = num_perm // bands
-    out = np.empty((n, bands), dtype=np.uint64)
-    for b in range(bands):
-        chunk = np.ascontiguousarray(signatures[:, b * rows:(b + 1) * rows])
-        out[:, b] = [xxhash.xxh3_64_intdigest(c.tobytes(), seed=b) for c in chunk]
-    return out
+    sig = signatures.reshape(n, bands, rows).astype(np.uint64)
+    h = np.broadcast_to(np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15), (n, bands)).copy()
+    with np.errstate(over="ignore"):
+        for j in range(rows):
+            h = (h ^ sig[:, :, j]) * _BAND_MULT
+            h ^= h >> np.uint64(29)
+    return h
 
 
-# --- the global pass ---------------------------------------------------------------------------
+# --- the global pass (vectorised: about 32 bytes per caption, plus 8 per band for near dups) ------
 
-@dataclass(frozen=True)
-class CaptionRef:
-    """One caption as the global pass sees it; ``order`` is the winner key (smallest wins)."""
-
-    order: tuple  # (sample_hash, sample_id, shard, row)
-    key: int
-
-
-def exact_duplicates(refs: Iterable[CaptionRef]) -> dict[tuple, tuple]:
-    """{loser order: winner order} for every caption whose normalised text is not unique."""
-    winners: dict[int, tuple] = {}
-    members: dict[int, list[tuple]] = {}
-    for r in refs:
-        members.setdefault(r.key, []).append(r.order)
-        if r.key not in winners or r.order < winners[r.key]:
-            winners[r.key] = r.order
-    return {o: winners[k] for k, orders in members.items() if len(orders) > 1 for o in orders if o != winners[k]}
+def winner_rank(sample_hash: np.ndarray, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Rank of every caption under the winner order (sample_hash, then input position for the
+    same sample seen twice); smaller wins. sample_id is the hex of sample_hash, so this is the
+    (sample_hash, sample_id) order."""
+    order = np.lexsort((row, shard, sample_hash))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
 
 
-def near_duplicate_candidates(orders: list[tuple], bands: np.ndarray) -> dict[tuple, set[tuple]]:
-    """{member: leaders it shares a band bucket with}, leaders being each bucket's smallest order."""
-    leader: dict[int, tuple] = {}
-    for i, o in enumerate(orders):
-        for key in bands[i].tolist():
-            if key not in leader or o < leader[key]:
-                leader[key] = o
-    out: dict[tuple, set[tuple]] = {}
-    for i, o in enumerate(orders):
-        for key in bands[i].tolist():
-            if leader[key] != o:
-                out.setdefault(o, set()).add(leader[key])
-    return out
+def _group_heads(keys: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(members, heads): every index whose key is shared with a smaller-ranked one, and the
+    smallest-ranked index of its group."""
+    order = np.lexsort((rank, keys))
+    k = keys[order]
+    first = np.ones(len(k), dtype=bool)
+    first[1:] = k[1:] != k[:-1]
+    head = np.maximum.accumulate(np.where(first, np.arange(len(k)), 0))
+    return order[~first], order[head[~first]]
+
+
+def exact_duplicates(keys: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(losers, winners) index arrays: each loser has the same caption_key as its winner."""
+    return _group_heads(keys, rank)
+
+
+def near_duplicate_candidates(bands: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(members, leaders), unique pairs sorted by member then leader rank: a member shares an LSH
+    bucket with the leader, the smallest-ranked caption in that bucket."""
+    pairs = [np.stack(_group_heads(bands[:, b], rank), axis=1) for b in range(bands.shape[1])]
+    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), np.int64)
+    if not len(pairs):
+        return pairs[:, 0], pairs[:, 1]
+    order = np.lexsort((rank[pairs[:, 1]], pairs[:, 0]))
+    return pairs[order, 0], pairs[order, 1]
 
 
 def jaccard_estimate(a: np.ndarray, b: np.ndarray) -> float:

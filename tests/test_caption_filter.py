@@ -9,7 +9,6 @@ import pytest
 from curation.caption import choose_languages, concept_caption
 from curation.caption_filter import (
     CJK,
-    CaptionRef,
     FilterRules,
     band_keys,
     caption_key,
@@ -19,6 +18,7 @@ from curation.caption_filter import (
     minhash,
     near_duplicate_candidates,
     proxy_token_count,
+    winner_rank,
 )
 from ovpipe.config import CaptionSection
 
@@ -93,12 +93,15 @@ def test_normalised_key_ignores_case_spacing_and_punctuation():
 
 
 def test_exact_duplicate_winner_is_the_smallest_key_whatever_the_order():
-    refs = [CaptionRef((5, "e", "s1", 0), 1), CaptionRef((2, "b", "s2", 3), 1), CaptionRef((9, "z", "s1", 1), 1),
-            CaptionRef((1, "a", "s1", 2), 7)]
-    expected = {(5, "e", "s1", 0): (2, "b", "s2", 3), (9, "z", "s1", 1): (2, "b", "s2", 3)}
-    for _ in range(5):
-        random.shuffle(refs)
-        assert exact_duplicates(refs) == expected
+    # (sample_hash, shard, row, caption_key)
+    items = [(5, 0, 0, 1), (2, 1, 3, 1), (9, 0, 1, 1), (1, 0, 2, 7), (2, 0, 4, 1)]
+    for seed in range(5):
+        random.Random(seed).shuffle(items)
+        h, sh, r, k = (np.array(col, dtype=t) for col, t in zip(zip(*items), (np.uint64, np.int32, np.int32, np.uint64)))
+        losers, winners = exact_duplicates(k, winner_rank(h, sh, r))
+        got = {(int(h[i]), int(sh[i])): (int(h[j]), int(sh[j])) for i, j in zip(losers, winners)}
+        # hash 2 wins; its second copy (same hash, later shard) loses on input position
+        assert got == {(5, 0): (2, 0), (9, 0): (2, 0), (2, 1): (2, 0)}
 
 
 def test_minhash_finds_near_duplicates_and_not_different_captions():
@@ -108,9 +111,10 @@ def test_minhash_finds_near_duplicates_and_not_different_captions():
     sig = np.stack([minhash(t, "en", 64) for t in (a, b, c)])
     assert jaccard_estimate(sig[0], sig[1]) >= 0.7
     assert jaccard_estimate(sig[0], sig[2]) < 0.2
-    orders = [(3, "x", "s", 0), (1, "y", "s", 1), (2, "z", "s", 2)]
-    cands = near_duplicate_candidates(orders, band_keys(sig, 16))
-    assert cands == {(3, "x", "s", 0): {(1, "y", "s", 1)}}  # the larger key points at the smaller
+    rank = np.array([2, 0, 1])  # b has the smallest key
+    members, leaders = near_duplicate_candidates(band_keys(sig, 16), rank)
+    assert members.tolist() == [0] and leaders.tolist() == [1]  # the larger key points at the smaller
+    assert not (band_keys(sig, 16)[:, 0] == band_keys(sig[:, ::-1].copy(), 16)[:, 0]).all()
 
 
 def test_language_shares_hold_and_are_deterministic():
