@@ -386,3 +386,25 @@ def test_foreign_output_folder_is_refused(ingested, tmp_path):
     with pytest.raises(OutputConflict, match="not an ovpipe caption output"):
         CaptionRunner().run(str(ingested), str(tmp_path / "o"), load_config(), overwrite=True, quiet=True)
     assert (tmp_path / "o" / "notes.txt").exists()
+
+
+def test_images_are_sent_as_they_are_unless_over_the_pixel_budget():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from curation.caption import image_data_url
+
+    def encode(size, fmt):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buf, format=fmt)
+        return buf.getvalue()
+
+    small = encode((64, 48), "PNG")
+    assert image_data_url(small, 10_000) == "data:image/png;base64," + base64.b64encode(small).decode()
+    url = image_data_url(encode((400, 300), "PNG"), 10_000)
+    assert url.startswith("data:image/jpeg;base64,")
+    resized = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert resized.width * resized.height <= 10_000 and abs(resized.width / resized.height - 4 / 3) < 0.05
+    assert image_data_url(encode((64, 48), "BMP"), 10_000).startswith("data:image/jpeg;base64,")
