@@ -277,7 +277,8 @@ def caption_vllm(sample_ids: list[str], images: list[bytes | None], languages: l
         if url is None and answers[i] is None:
             answers[i] = Answer(None, ("image_unavailable", "the image reference could not be read"))
         if url is not None:
-            rows.append({"i": i, "url": url, "prompt": cfg.prompt_zh if lang == "zh" else cfg.prompt_en})
+            rows.append({"i": i, "url": url, "prompt": cfg.prompt_zh if lang == "zh" else cfg.prompt_en,
+                         "seeds": [request_seed(sid, seed, a) for a in range(2)]})
     config = vLLMEngineProcessorConfig(
         model_source=cfg.model, engine_kwargs=json.loads(cfg.vllm_engine_kwargs), concurrency=cfg.vllm_concurrency,
         batch_size=cfg.vllm_batch_size, prepare_multimodal_stage=True, should_continue_on_error=True)
@@ -289,7 +290,7 @@ def caption_vllm(sample_ids: list[str], images: list[bytes | None], languages: l
             preprocess=lambda r, a=attempt: dict(
                 i=r["i"], messages=_messages(r["url"], r["prompt"]),
                 sampling_params=dict(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens,
-                                     seed=request_seed(sample_ids[r["i"]], seed, a))),
+                                     seed=r["seeds"][a])),
             postprocess=lambda r: dict(i=r["i"], text=r.get("generated_text") or "",
                                        n=int(r.get("num_generated_tokens") or 0),
                                        error=str(r.get("__inference_error__") or "")),
@@ -304,8 +305,9 @@ def caption_vllm(sample_ids: list[str], images: list[bytes | None], languages: l
             finish = "length" if r["n"] >= cfg.max_new_tokens else "stop"
             answers[i] = _judge(r["text"], finish, languages[i], rules, attempt > 0)
             if answers[i].rejected is not None:
-                retry.append(next(row for row in rows if row["i"] == i))
-        rows = retry
+                retry.append(i)
+        by_index = {row["i"]: row for row in rows}
+        rows = [by_index[i] for i in retry]
     return [a if a is not None else Answer(None, ("caption_request_failed", "no result from the engine"))
             for a in answers]
 
