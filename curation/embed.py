@@ -355,7 +355,9 @@ class EmbedActor:
         self.embedder = Embedder(spec, batch_size, device, num_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.embedder.embed_block(batch)
+        out = self.embedder.embed_block(batch)
+        out["done_at"] = np.full(len(out["row"]), time.time())  # when this batch finished (timings)
+        return out
 
 
 # ------------------------------------------------------------------------- decode (CPU side)
@@ -556,11 +558,13 @@ def run_embed_pipeline(pending: list[ShardTask], cfg: Config, progress, timings:
     partial: dict[int, _Partial] = {}
     failed: dict[str, str] = {}
     futures: dict[int, Any] = {}
-    first_batch = None
+    first_batch, done_at, wall0 = None, [], time.time()
     with ThreadPoolExecutor(max_workers=4) as writer:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                first_batch = first_batch or time.monotonic()
+                if first_batch is None:
+                    first_batch = time.monotonic()
+                done_at.append(batch["done_at"])
                 _gather(batch, pending, partial, failed, futures, writer, progress)
                 _report(futures, pending, failed, progress, wait=False)
         except Exception as err:  # the pipeline itself broke (e.g. the model failed to load)
@@ -569,8 +573,20 @@ def run_embed_pipeline(pending: list[ShardTask], cfg: Config, progress, timings:
                     failed[task.shard] = f"embed pipeline failed: {type(err).__name__}: {err}"
         _report(futures, pending, failed, progress, wait=True)
     if timings is not None:
-        timings.update(start=t0, first_batch=first_batch, end=time.monotonic())
+        timings.update(start=t0, first_batch=first_batch, end=time.monotonic(), **_actor_timings(done_at, wall0))
     return failed
+
+
+def _actor_timings(done_at: list[np.ndarray], wall0: float) -> dict[str, float]:
+    """Start-up = until the first actor batch finished; steady rate = rows of later batches over
+    the time from the first to the last batch finishing (gaps from a starved pipeline count)."""
+    if not done_at:
+        return {}
+    t = np.concatenate(done_at)
+    first, last = float(t.min()), float(t.max())
+    later = int((t > first).sum())
+    return {"actor_startup_s": first - wall0, "actor_steady_s": last - first, "actor_steady_rows": later,
+            "actor_steady_rows_per_s": later / (last - first) if last > first else float("nan")}
 
 
 def _report(futures: dict[int, Any], pending, failed, progress, wait: bool) -> None:
