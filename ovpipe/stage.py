@@ -187,7 +187,6 @@ def commit_shard(task: ShardTask, result: ShardOutput, start: float | None = Non
             f"{task.stage}: shard {task.input.uri()!r} read {result.input_rows} rows but kept {kept} "
             f"and ledgered {dropped}; this is a bug in the stage, please report it"
         )
-    _maybe_inject_fault(task)
     output_name = f"{task.shard}.parquet"
     write_table(task.output_root.join(output_name), result.table)
     ledger_name = None
@@ -205,14 +204,30 @@ def commit_shard(task: ShardTask, result: ShardOutput, start: float | None = Non
         "dropped_by_reason": dict(sorted(Counter(result.ledger.rows["reason"]).items())),
         "config_hash": task.config_hash,
         "seconds": round(time.monotonic() - start, 3),
+        "node": _node_id(),  # where it ran (debugging; manifests are not part of the output bytes)
     }
+    _maybe_inject_fault(task)  # data written, not yet committed: the worst moment to die
     # The manifest entry is written last: it is the commit record of this shard.
     write_json(task.output_root.join(MANIFEST_DIR, f"{task.shard}.json"), entry)
     return entry
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
 def _maybe_inject_fault(task: ShardTask) -> None:
-    """Test hook: sleep before committing, so a test can kill a run mid-stage."""
+    """Test hooks, between computing a shard and committing it: record this process's pid (so a
+    test can SIGKILL the worker mid-shard), then sleep (so a test can kill a run mid-stage)."""
+    pid_file = os.environ.get("OVPIPE_FAULT_PID_FILE")
+    if pid_file:
+        with open(pid_file, "a") as f:
+            f.write(f"{os.getpid()} {task.shard}\n")
     delay = os.environ.get("OVPIPE_FAULT_SHARD_DELAY_S")
     if delay:
         time.sleep(float(delay))
