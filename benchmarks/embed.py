@@ -70,6 +70,17 @@ def plain_loop(raw: str, batch: int, threads: int) -> dict:
     return {"images": len(x), "seconds": round(secs, 3), "images_per_s": round(len(x) / secs, 3)}
 
 
+def plain_loop_process(raw: str, batch: int, threads: int) -> dict:
+    """The loop in a fresh process started with OMP_NUM_THREADS = threads, as Ray starts actors:
+    torch.set_num_threads() after start-up leaves OpenMP's pool as it was and ran 2x slower here."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--loop-only", raw, "--batch", str(batch),
+                          "--threads", str(threads)], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def ray_stage(raw: str, work: str, batch: int, threads: int) -> dict:
     import ray
 
@@ -108,17 +119,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the loop and of the actor")
     ap.add_argument("--per-shard", type=int, default=32)
     ap.add_argument("--json", default="")
+    ap.add_argument("--loop-only", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.loop_only:
+        print(json.dumps(plain_loop(args.loop_only, args.batch, args.threads)))
+        return {}
     with tempfile.TemporaryDirectory(prefix="ovpipe-embed-bench-") as work:
         raw = os.path.join(work, "raw")
         make_raw(raw, args.images, args.per_shard)
         print(f"[embed bench] ViT-B-32 random, {args.images} images, batch {args.batch}, "
               f"{args.threads} thread(s); plain loop ...", file=sys.stderr, flush=True)
-        loop = plain_loop(raw, args.batch, args.threads)
+        loop = plain_loop_process(raw, args.batch, args.threads)
         print(f"[embed bench] loop: {loop}; Ray Data stage ...", file=sys.stderr, flush=True)
         stage = ray_stage(raw, work, args.batch, args.threads)
         print(f"[embed bench] stage: {stage}; plain loop again ...", file=sys.stderr, flush=True)
-        loop_after = plain_loop(raw, args.batch, args.threads)  # the machine is shared: bracket the stage
+        loop_after = plain_loop_process(raw, args.batch, args.threads)  # the machine is shared: bracket the stage
     loop_rate = (loop["images_per_s"] + loop_after["images_per_s"]) / 2
     out = {"benchmark": "embed", "model": "ViT-B-32 (random)", "device": "cpu", "threads": args.threads,
            "batch": args.batch, "loop_before": loop, "loop_after": loop_after,
