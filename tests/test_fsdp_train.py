@@ -114,3 +114,66 @@ def test_two_ranks_match_one_process_and_loss_decreases(packs, tmp_path):
     losses = result["losses"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.fixture()
+def process_group():
+    """train() joins (or starts) a one-process gloo group in this process; leave none behind."""
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_stage_chain_1_15_2(tok, tmp_path, process_group):
+    """Stage 1 -> 1.5 -> 2 in one test, each from the previous export; stage 2 mixes two datasets."""
+    from safetensors.torch import load_file
+
+    from ovpipe.config import load_config
+    from trainer.model import build_model, tiny_llm_config, tiny_vision_config
+    from trainer.train import train
+
+    caption = tmp_path / "caption_packs"
+    write_test_packs(caption, tok, n_shards=2, packs_per_shard=3, loss_on="last")
+    sft_a, sft_b = tmp_path / "sft_a", tmp_path / "sft_b"
+    write_test_packs(sft_a, tok, n_shards=2, packs_per_shard=2, loss_on="assistant")
+    write_test_packs(sft_b, tok, n_shards=1, packs_per_shard=4, loss_on="assistant")
+
+    def cfg(stage, steps, init_from="", **extra):
+        sets = [f"train.stage={stage}", f"train.steps={steps}", f'train.init_from="{init_from}"',
+                "train.lr=0.001", "train.checkpoint_interval=10"]
+        sets += [f"train.{k}={json.dumps(v)}" for k, v in extra.items()]
+        return load_config(None, sets)
+
+    s1 = train(str(caption), str(tmp_path / "run1"), cfg("1", 3))
+    initial = build_model(tiny_vision_config(), tiny_llm_config(), seed=0).state_dict()
+    export1 = {**load_file(str(tmp_path / "run1/export/vision_projector.safetensors")),
+               **{"llm." + k: v for k, v in load_file(str(tmp_path / "run1/export/llm/model.safetensors")).items()}}
+    for name, value in export1.items():
+        if name.startswith(("vision.", "llm.")):
+            assert torch.equal(value, initial[name]), f"stage 1 changed frozen {name}"
+    assert any(not torch.equal(export1[n], initial[n]) for n in export1 if n.startswith("projector.")), \
+        "stage 1 did not train the projector"
+    assert s1["stage"] == "1" and s1["export"]
+
+    train(str(caption), str(tmp_path / "run15"), cfg("1.5", 2, str(tmp_path / "run1")))
+    export15 = load_file(str(tmp_path / "run15/export/vision_projector.safetensors"))
+    llm15 = load_file(str(tmp_path / "run15/export/llm/model.safetensors"))
+    assert any(not torch.equal(export15[n], export1[n]) for n in export15 if n.startswith("vision."))
+    assert any(not torch.equal(llm15[n], export1["llm." + n]) for n in llm15)
+
+    s2 = train(str(sft_a), str(tmp_path / "run2"),
+               cfg("2", 4, str(tmp_path / "run15"), datasets=[str(sft_b)], mixture_weights=[0.5, 0.5]))
+    recs = [json.loads(ln) for ln in (tmp_path / "run2/metrics.jsonl").read_text().splitlines()]
+    used = {j for r in recs for j in r["datasets"]}
+    assert used == {0, 1}, f"stage 2 mixture used datasets {used}"
+    assert s2["stage"] == "2" and (tmp_path / "run2/loss.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="init_from"):
+        train(str(sft_a), str(tmp_path / "run_bad"), cfg("2", 1))
