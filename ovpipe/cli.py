@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="submit to this Ray cluster's job server (http://HEAD:8265) and follow the logs")
     run.add_argument("--no-wait", action="store_true", help="with --address: submit and return")
 
+    train = sub.add_parser("train", help="FSDP2 training on packed shards (torchrun -m trainer.train)")
+    train.add_argument("--input", required=True, help="packed shards (the pack stage's output)")
+    train.add_argument("--output", required=True, help="run folder: checkpoints, metrics, export")
+    _add_config_arguments(train)
+    train.add_argument("--nproc-per-node", type=int, default=0, help="processes; 0 = one per GPU, 1 on CPU")
+    train.add_argument("--stage", default=None, choices=["1", "1.5", "2"], help="shortcut for --set train.stage=…")
+
     demo = sub.add_parser("demo", help="make demo data and run every stage on it")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--n", type=int, default=240)
@@ -254,6 +261,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command in STAGES:
         return run_stage_command(args.command, args)
+    if args.command == "train":
+        from trainer.train import launch
+
+        sets = args.overrides + ([f'train.stage="{args.stage}"'] if args.stage else [])
+        return launch(args.input, args.output, args.config, sets, args.nproc_per_node)
     if args.command == "ledger":
         from ovpipe.ledger import ledger_counts
         from ovpipe.shards import Location

@@ -351,3 +351,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def launch(input: str, output: str, config: str | None, overrides: list[str], nproc_per_node: int = 0) -> int:
+    """`ovpipe train`: run this module under torchrun with one process per GPU (1 on CPU)."""
+    import subprocess
+
+    cfg = load_config(config, overrides)  # fail here, with a clear message, on a bad config
+    n = nproc_per_node or cfg.train.nproc_per_node or (torch.cuda.device_count() or 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "trainer.train", "--input", input, "--output", output]
+    if config:
+        cmd += ["--config", config]
+    for o in overrides:
+        cmd += ["--set", o]
+    print(" ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)
