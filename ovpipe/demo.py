@@ -23,6 +23,11 @@ def demo_config(cfg: Config) -> Config:
     b = cfg.balance
     if not (b.target or b.fraction or b.threshold):  # keep half of the demo images
         cfg = cfg.model_copy(update={"balance": b.model_copy(update={"fraction": 0.5})})
+    c = cfg.caption
+    if c.backend == "concepts" and c.concepts_top_k == 3:
+        # a tiny random embedding model gives many images the same top-3 concepts; naming all 5
+        # keeps more pseudo-captions distinct, so fewer demo samples end as duplicate captions
+        cfg = cfg.model_copy(update={"caption": c.model_copy(update={"concepts_top_k": 5})})
     return cfg
 
 
