@@ -7,7 +7,8 @@ Reads:  embed output (the sample row + ``embedding`` fixed_size_list<float16, D>
 Writes: ``OUT/<shard>.parquet``: the input row, without ``embedding`` unless
         ``assign.keep_embedding``, + ``concept_ids`` fixed_size_list<int32, k> (row indices of the
         vocabulary, best first) + ``concept_scores`` fixed_size_list<float32, k> (cosine
-        similarities, non-increasing). Ties are broken by the lower concept id. Rows whose
+        similarities, non-increasing, computed exactly in float64 and rounded to float32 whatever
+        the backend). Ties are broken by the lower concept id. Rows whose
         embedding is null or not finite are ledgered (``bad_embedding``).
 
 Search backends (``assign.backend``): ``faiss`` (IndexFlatIP: exact inner product; on GPUs a
@@ -35,6 +36,8 @@ from ovpipe.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json, read_ta
 from ovpipe.stage import ShardOutput, ShardTask, run_shard
 
 CONCEPT_IDS = "concept_ids"
+WINDOW_MARGIN = 8  # candidates beyond k that the backend proposes for exact rescoring
+NEAR_TIE = 1e-5  # float32 scores of unit vectors are within this of the exact ones
 CONCEPT_SCORES = "concept_scores"
 EMBEDDING = "embedding"
 
@@ -61,6 +64,7 @@ class Searcher:
     def __init__(self, concepts: np.ndarray, backend: str = "auto", device: str = "cpu",
                  query_chunk: int = 4096, num_threads: int = 0, index=None):
         self.n, self.dim = concepts.shape
+        self.concepts = np.ascontiguousarray(concepts, np.float16)  # for exact rescoring
         self.device = device
         self.backend = resolve_backend(backend, device)
         self.query_chunk = query_chunk
@@ -109,22 +113,33 @@ class Searcher:
         return ids, scores
 
     def _search_chunk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        kk = min(k + 1, self.n)  # one extra: shows whether a tie crosses the k-th place
+        """The backend proposes a window of candidates; their scores are recomputed in float64, so
+        the output (ids, order, scores) does not depend on the backend's rounding, its thread
+        count or the chunking. A row whose k-th exact score is not clearly above everything the
+        window left out (a tie or a near-tie at the window's edge) is searched again, wider."""
+        kk = min(k + WINDOW_MARGIN, self.n)
         s, i = self._raw(q, kk)
-        ids, scores = _tie_sorted(i, s, k)
-        if kk > k:
-            for r in _tied_rows(s, k):  # rare: widen the search for that row until the tie is inside it
-                ids[r], scores[r] = self._resolve_tie(q[r:r + 1], k)
+        ids, scores, unsure = self._rescore(q, i, s, k)
+        for r in np.flatnonzero(unsure):  # rare: widen the window for that row until it is sure
+            width = kk
+            while True:
+                width = min(2 * width, self.n)
+                s_r, i_r = self._raw(q[r:r + 1], width)
+                ids_r, scores_r, unsure_r = self._rescore(q[r:r + 1], i_r, s_r, k)
+                if width == self.n or not unsure_r[0]:
+                    ids[r], scores[r] = ids_r[0], scores_r[0]
+                    break
         return ids, scores
 
-    def _resolve_tie(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        kk = min(2 * (k + 1), self.n)
-        while True:
-            s, i = self._raw(q, kk)
-            if kk == self.n or not len(_tied_rows(s, kk - 1)):
-                ids, scores = _tie_sorted(i, s, k)
-                return ids[0], scores[0]
-            kk = min(2 * kk, self.n)
+    def _rescore(self, q: np.ndarray, cand: np.ndarray, backend_scores: np.ndarray, k: int):
+        q64 = q.astype(np.float64)
+        exact = np.empty(cand.shape, np.float64)
+        for j in range(cand.shape[1]):  # column by column: memory stays at one [n, D] float64
+            exact[:, j] = np.einsum("nd,nd->n", q64, self.concepts[cand[:, j]].astype(np.float64))
+        ids, scores = _tie_sorted(cand, exact, k)
+        # everything outside the window scored at most the window's lowest backend score
+        unsure = (cand.shape[1] < self.n) & (scores[:, -1] <= backend_scores.min(axis=1) + NEAR_TIE)
+        return ids, scores.astype(np.float32), unsure
 
 
 def _tie_sorted(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,13 +147,7 @@ def _tie_sorted(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray
     order = np.lexsort((ids, -scores), axis=1)
     ids = np.take_along_axis(ids, order, 1)[:, :k]
     scores = np.take_along_axis(scores, order, 1)[:, :k]
-    return ids.astype(np.int32), scores.astype(np.float32)
-
-
-def _tied_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """Rows whose k-th and (k+1)-th best scores are equal (a tie at the cut)."""
-    top = -np.sort(-scores, axis=1)
-    return np.flatnonzero(top[:, k - 1] == top[:, k])
+    return ids.astype(np.int32), scores
 
 
 def _cuda_index(device: str) -> int:
