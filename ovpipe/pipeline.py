@@ -79,6 +79,12 @@ def _pack(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary
     return PackRunner().run(input, output, cfg, overwrite=overwrite)
 
 
+def _train(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
+    from trainer.train import run_training_step
+
+    return run_training_step(input, output, cfg, overwrite=overwrite)
+
+
 STEPS: list[Step] = [
     Step("ingest", "input", SHARED, _ingest),
     Step("embed", "ingest", SHARED, _embed),
@@ -86,6 +92,7 @@ STEPS: list[Step] = [
     Step("balance", "assign", VERSION, _balance, report="_report"),
     Step("caption", "balance", VERSION, _caption),
     Step("pack", "caption", VERSION, _pack, report="_report"),
+    Step("train", "pack", VERSION, _train, report="2/loss.png"),
 ]
 
 

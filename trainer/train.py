@@ -296,17 +296,33 @@ def train(input: str, output: str, cfg: Config, log=print) -> dict[str, Any]:
 
 
 def run_training_step(input: str, output: str, cfg: Config, overwrite: bool = False):
-    """The demo's train step: a tiny model, a few steps of stage 1, then 1.5, then 2, each from the
-    previous one's export, on the pack stage's output. Returns a StageSummary (inputs = packs)."""
+    """The pipeline's train step (ovpipe/pipeline.py). With the tiny seeded model (no
+    ``train.llm_path`` / ``train.init_from``: the demo) it trains a few steps of stage 1, then 1.5,
+    then 2, each from the previous one's export, in this process, into OUT/1, OUT/1.5, OUT/2. With a
+    real model it runs the configured ``train.stage`` under torchrun into OUT/<stage>. Returns a
+    StageSummary: inputs = packs of the input, all kept (training drops nothing)."""
     import shutil
 
-    from ovpipe.config import config_hash
+    from ovpipe.config import config_hash, to_toml
     from ovpipe.stage import StageSummary
 
     start = time.monotonic()
     out = Path(output)
     if overwrite and out.exists():
         shutil.rmtree(out)
+    n_packs = sum(PackStream(input).num_rows)
+    digest = config_hash(cfg.train.model_dump())
+    if cfg.train.llm_path or cfg.train.init_from:
+        (out / cfg.train.stage).mkdir(parents=True, exist_ok=True)
+        toml = out / "train_config.toml"
+        toml.write_text(to_toml(cfg))
+        already = (out / cfg.train.stage / "summary.json").exists()
+        rc = launch(input, str(out / cfg.train.stage), str(toml), [])
+        if rc != 0:
+            raise RuntimeError(f"training stage {cfg.train.stage} failed (exit {rc}); rerun to resume")
+        return StageSummary(stage="train", output=str(out), config_hash=digest, shards=1,
+                            shards_skipped=int(already), input_rows=n_packs, kept_rows=n_packs, dropped_rows=0,
+                            dropped_by_reason={}, seconds=round(time.monotonic() - start, 3))
     already = (out / "2" / "summary.json").exists()
     prev = ""
     for stage, steps in (("1", 3), ("1.5", 2), ("2", 2)):
@@ -317,8 +333,7 @@ def run_training_step(input: str, output: str, cfg: Config, overwrite: bool = Fa
         prev = str(out / stage)
     if dist.is_initialized():
         dist.destroy_process_group()
-    n_packs = sum(PackStream(input).num_rows)
-    return StageSummary(stage="train", output=str(out), config_hash=config_hash(cfg.train.model_dump()),
+    return StageSummary(stage="train", output=str(out), config_hash=digest,
                         shards=3, shards_skipped=3 if already else 0, input_rows=n_packs, kept_rows=n_packs,
                         dropped_rows=0, dropped_by_reason={}, seconds=round(time.monotonic() - start, 3))
 
