@@ -1,0 +1,66 @@
+"""`python -m ray_jobs.train --input PACKED --output RUN_DIR [--config run.toml] [--set k=v]
+[--num-workers N] [--use-gpu]`: the FSDP2 trainer (trainer/train.py) under Ray Train.
+
+Submit to a cluster with `ray job submit --working-dir . -- python -m ray_jobs.train ...`.
+Ray Train's ``TorchTrainer`` starts one worker per GPU (or N CPU workers), sets up the
+torch.distributed group (NCCL on GPU, gloo on CPU) and runs the same ``train()`` as
+``torchrun -m trainer.train``: same packed-shard reader, same checkpoints. RUN_DIR must be a path
+every worker sees (a shared filesystem); the checkpoints there are ordinary trainer checkpoints,
+so a run started here resumes with `ovpipe train` and the other way round (at any world size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trainer.train import KILL_ENV
+
+
+def _loop(config: dict) -> None:
+    from ovpipe.config import Config
+    from trainer.train import train
+
+    if config.get("kill_after") is not None:  # tests: a worker killed mid-run
+        os.environ[KILL_ENV] = str(config["kill_after"])
+    train(config["input"], config["output"], Config.model_validate(config["config"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ovpipe.config import load_config
+    from trainer.train import parse_args
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--num-workers", type=int, default=0, help="0 = train.nproc_per_node, else GPUs, else 1")
+    ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    own, rest = ap.parse_known_args(argv)
+    args = parse_args(rest)
+    cfg = load_config(args.config, args.overrides)
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ovpipe.raycluster import ensure_ray
+
+    ensure_ray(cfg)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = own.use_gpu or gpus > 0
+    workers = own.num_workers or cfg.train.nproc_per_node or (gpus if use_gpu else 1)
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config={"input": args.input, "output": os.path.abspath(args.output),
+                           "config": cfg.model_dump(), "kill_after": os.environ.get(KILL_ENV)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": own.cpus_per_worker}),
+        run_config=RunConfig(name="ovpipe-train", storage_path=os.path.abspath(os.path.join(args.output, "_ray"))),
+    )
+    trainer.fit()
+    print(open(os.path.join(args.output, "summary.json")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
