@@ -127,7 +127,7 @@ def _read_captions(pf: pq.ParquetFile, uri: str, source: str, cfg, filesystem) -
     row = 0
     for batch in pf.iter_batches(columns=cols, batch_size=256):
         table = pa.Table.from_batches([batch])
-        images = fetch_image_bytes(table.select(["image_uri", "image_member", "image_row"]), filesystem)
+        images = fetch_image_bytes(table.select(["image_uri", "image_member", "image_row"]))  # full URIs: not the input's filesystem
         d = table.to_pydict()
         for i in range(batch.num_rows):
             sid, caption = d["sample_id"][i], d["caption"][i]
