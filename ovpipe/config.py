@@ -360,7 +360,7 @@ class PipelineSection(Section):
     run_id: str = Field("", description="Name of this run's version; empty = a hash of config + input listing.",
                         json_schema_extra=NOT_HASHED)
     steps: list[str] = Field([], description="Steps to run; empty = all (ingest, embed, assign, balance, "
-                             "caption, pack).", json_schema_extra=NOT_HASHED)
+                             "caption, pack, train).", json_schema_extra=NOT_HASHED)
 
 
 class TrainSection(Section):
@@ -394,6 +394,9 @@ class TrainSection(Section):
                                            json_schema_extra=NOT_HASHED)
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2"] = Field(
         "auto", description="LLM attention (isolation path): flash varlen when available, else SDPA block mask.")
+    run_dir: str = Field("", description="Pipeline train step: local or shared folder for checkpoints and "
+                         "metrics when the pipeline's output is on object storage (a subfolder per run id); "
+                         "empty = the run's version folder (local outputs only).", json_schema_extra=NOT_HASHED)
     val_input: str = Field("", description="Held-out packed shards for validation loss; empty = none.")
     val_interval: int = Field(0, ge=0, description="Steps between validations; 0 = only at the end.")
     val_packs: int = Field(16, gt=0, description="Held-out packs per rank per validation.")

@@ -23,6 +23,7 @@ shared area or the run's version, and the function that runs it.
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -80,8 +81,19 @@ def _pack(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary
 
 
 def _train(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
+    """Trains on the packs (which may be on object storage); checkpoints need a filesystem."""
     from trainer.train import run_training_step
 
+    out = Location.parse(output)
+    if not out.is_local:
+        if not cfg.train.run_dir:
+            raise ValueError(
+                f"the train step writes checkpoints to a local or shared filesystem, but this run's "
+                f"output is {output!r}; set train.run_dir (e.g. /shared/ovpipe-runs) or leave 'train' "
+                "out of pipeline.steps"
+            )
+        run_id = posixpath.basename(posixpath.dirname(out.path.rstrip("/")))
+        output = posixpath.join(cfg.train.run_dir, run_id, "train")
     return run_training_step(input, output, cfg, overwrite=overwrite)
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ovpipe.config import load_config
+from ovpipe.config import load_config, to_toml
 from ovpipe.demo import demo_config
 from ovpipe.demo_data import make_demo_data
 from ovpipe.pipeline import run_pipeline
+from ovpipe.shards import Location, list_input_shards
 from tests.conftest import REPO, python_exe, subprocess_env
 from tests.ray_head import free_port, ray_head, submit_job
 from tests.test_ingest import data_files
@@ -55,6 +56,13 @@ def outputs(root: Path, version: str | None = None) -> dict[str, list]:
             text = text.replace(prefix, "<out>")
         out[name] = text
     return out
+
+
+def write_config(folder: Path, cfg) -> str:
+    """The resolved config as a TOML file, for subprocesses and jobs."""
+    path = folder / "run.toml"
+    path.write_text(to_toml(cfg), encoding="utf-8")
+    return str(path)
 
 
 def assert_accounting(manifest: dict) -> None:
@@ -110,9 +118,11 @@ def test_worker_killed_mid_stage_is_retried_without_duplicates(ray_address, tmp_
     reference = tmp_path / "ref"
     run_pipeline(str(raw), str(reference), cfg, steps=["ingest"], versioned=False)
     pid_file = tmp_path / "pids"
-    env = subprocess_env(ray_address, OVPIPE_FAULT_PID_FILE=str(pid_file), OVPIPE_FAULT_SHARD_DELAY_S="1.0")
+    # The driver starts its own local Ray, so its workers inherit the fault hooks' variables.
+    env = subprocess_env(OVPIPE_FAULT_PID_FILE=str(pid_file), OVPIPE_FAULT_SHARD_DELAY_S="1.0")
+    env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([python_exe(), "-m", "ray_jobs.ingest", "--input", str(raw), "--output",
-                             str(tmp_path / "out"), "--workers", "1"], env=env,
+                             str(tmp_path / "out"), "--workers", "1", "--set", "ray.num_cpus=2"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not (pid_file.exists() and pid_file.read_text().strip()):
@@ -124,7 +134,7 @@ def test_worker_killed_mid_stage_is_retried_without_duplicates(ray_address, tmp_
     assert proc.returncode == 0, out.decode()[-3000:]
     lines = pid_file.read_text().split("\n")
     assert len({line.split()[0] for line in lines if line}) >= 2  # the task ran again elsewhere
-    assert data_files(tmp_path / "out") == data_files(reference)
+    assert data_files(tmp_path / "out") == data_files(reference / "ingest")
 
 
 @pytest.mark.slow
@@ -132,9 +142,9 @@ def test_driver_sigkilled_then_resubmitted_gives_identical_output(ray_address, t
     raw = small_raw(tmp_path / "raw", n=24)
     cfg = cfg_for_tests("balance.fraction=0.5")
     run_pipeline(str(raw), str(tmp_path / "ref"), cfg, run_id="r")
+    config = write_config(tmp_path, cfg)
     cmd = [python_exe(), "-m", "ray_jobs.pipeline", "--input", str(raw), "--output", str(tmp_path / "out"),
-           "--run-id", "r", "--set", "balance.fraction=0.5", "--set", "embed.model='ovpipe-tiny-clip'",
-           "--set", "embed.pretrained='random'", "--set", "embed.batch_size=32"]
+           "--run-id", "r", "--config", config]
     env = subprocess_env(ray_address, OVPIPE_FAULT_SHARD_DELAY_S="0.3")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     manifest = tmp_path / "out" / "embed" / "_manifest"
@@ -155,9 +165,10 @@ TWO_NODE_SCRIPT = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from ovpipe.config import load_config
+from ovpipe.config import load_config, to_toml
 from ovpipe.demo import demo_config
 from ovpipe.pipeline import run_pipeline
+from ovpipe.shards import Location, list_input_shards
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
@@ -193,13 +204,14 @@ def test_ray_job_submit_runs_the_demo_pipeline(tmp_path):
     raw = small_raw(tmp_path / "raw", n=18)
     out = tmp_path / "out"
     with ray_head() as head:
+        config = write_config(tmp_path, cfg_for_tests("balance.fraction=0.5"))
         result = submit_job(head["dashboard"], "python", "-m", "ray_jobs.pipeline", "--input", str(raw),
-                            "--output", str(out), "--run-id", "job", "--set", "balance.fraction=0.5",
-                            "--set", "embed.model='ovpipe-tiny-clip'", "--set", "embed.pretrained='random'",
+                            "--output", str(out), "--run-id", "job", "--config", config,
                             working_dir=str(REPO))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     manifest = json.loads((out / "runs" / "job.json").read_text())
-    assert [s["stage"] for s in manifest["stages"]] == ["ingest", "embed", "assign", "balance", "caption", "pack"]
+    assert [s["stage"] for s in manifest["stages"]] == ["ingest", "embed", "assign", "balance", "caption", "pack",
+                                                          "train"]
     assert_accounting(manifest)
     assert pq.read_table(out / "versions" / "job" / "pack", columns=["num_tokens"]).num_rows > 0
 
@@ -243,14 +255,16 @@ def test_demo_pipeline_with_input_and_output_on_s3(s3_server, tmp_path):
     run_env.pop("RAY_ADDRESS", None)  # its own local Ray, which inherits the S3 settings
     result = subprocess.run(
         [python_exe(), "-m", "ray_jobs.pipeline", "--input", "s3://ovpipe-test/raw", "--output",
-         "s3://ovpipe-test/out", "--run-id", "s3", "--set", "balance.fraction=0.5",
-         "--set", "embed.model='ovpipe-tiny-clip'", "--set", "embed.pretrained='random'",
-         "--set", "ray.num_cpus=2"],
+         "s3://ovpipe-test/out", "--run-id", "s3", "--config",
+         write_config(tmp_path, cfg_for_tests("balance.fraction=0.5", "ray.num_cpus=2",
+                                              f"train.run_dir={str(tmp_path / 'runs')!r}"))],
         env=run_env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     with fs.open_input_stream("ovpipe-test/out/runs/s3.json") as f:
         manifest = json.loads(f.read())
     assert_accounting(manifest)
-    assert manifest["stages"][-1]["stage"] == "pack" and manifest["stages"][-1]["kept_rows"] > 0
-    packs = pq.read_table("ovpipe-test/out/versions/s3/pack", filesystem=fs, columns=["num_tokens"])
-    assert packs.num_rows > 0
+    stages = {s["stage"]: s for s in manifest["stages"]}
+    assert stages["pack"]["kept_rows"] > 0 and stages["pack"]["dropped_rows"] == 0
+    assert (tmp_path / "runs" / "s3" / "train").is_dir()  # trained on the packs read from S3
+    shards = list_input_shards(Location(fs, "ovpipe-test/out/versions/s3/pack"))  # through its manifest
+    assert sum(pq.read_metadata(s.path, filesystem=fs).num_rows for s in shards) > 0
