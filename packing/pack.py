@@ -6,7 +6,7 @@ decisions depend only on lengths. Every open pack lives in a pool keyed by its r
 ``r``; the packs at one ``r`` are kept as *ranges* of pack ids that have had identical
 histories (so identical contents). Placing the ``c`` items of length ``L`` (largest L first):
 
-* the best fit is the smallest ``r >= L`` (a bitset over r finds it);
+* the best fit is the smallest ``r >= L`` (a two-level bitset over r finds it);
 * sequential BFD would put ``q = min(r // L, room in item count)`` items into the first pack
   at ``r`` (after each item the same pack is still the best fit), then the next pack, ...;
   so whole ranges take ``q`` items each in one step, and at most one pack takes the rest;
@@ -22,7 +22,11 @@ any pack's total, so samples of length L are ordered by a seeded hash of ``sampl
 Optional composition control (``spread``): within each length, the most image-heavy samples go
 to the packs that hold the fewest image tokens so far, spreading image-heavy samples across packs.
 
-All of it is numpy on arrays of samples; memory is a few arrays of N (see benchmarks/pack_85m.py).
+Per item, all of it is numpy (no sort over items but one): each op records how many items its
+packs already hold, so a slot's place in the output is ``offsets[pack] + before + j``, computed
+by two ``np.repeat`` expansions; pack sizes and totals come from difference arrays over the ops.
+The one sort, (length, key) as packed uint64 words, is polars' (single-threaded, ~3x numpy's).
+Memory is a few arrays of N (see benchmarks/pack_85m.py).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
 
 @dataclass
@@ -59,69 +64,101 @@ def bfd_histogram(hist: np.ndarray, capacity: int, max_items: int | None = None)
     """Best-fit decreasing on a length histogram (``hist[L]`` = number of items of length L).
 
     Returns ``(ops, num_packs)`` where each row of ``ops`` (int64, columns first_pack, n_packs,
-    length, per_pack) says: packs first_pack .. first_pack+n_packs-1 each received ``per_pack``
-    items of ``length``; rows are in placement order."""
+    length, per_pack, before) says: packs first_pack .. first_pack+n_packs-1, each already
+    holding ``before`` items, each received ``per_pack`` items of ``length``; rows are in
+    placement order (so grouped by length, longest first)."""
     if len(hist) > capacity + 1 and hist[capacity + 1:].any():
         raise ValueError("histogram has lengths above the capacity")
     if hist[0]:
         raise ValueError("zero-length items cannot be packed")
     cap_items = max_items or capacity  # a pack never holds more than `capacity` items of length >= 1
     pools: dict[int, deque] = {}  # room -> deque of [first_pack, n_packs, n_items]
-    bits = 0  # bit r set <=> pools[r] is non-empty
-    ops_first: list[int] = []  # one op = (first pack, packs, length, items per pack), 4 parallel lists
-    ops_n: list[int] = []
-    ops_len: list[int] = []
-    ops_q: list[int] = []
+    # The set of rooms with a non-empty pool, as a two-level bitmap: bit (r & 63) of words[r >> 6],
+    # and bit w of `top` when words[w] != 0. Finding the smallest room >= L then takes a few
+    # operations on 64- and 128-bit ints (one shift of an 8192-bit int costs ~1 us, most of a step).
+    words = [0] * (capacity // 64 + 1)
+    top = 0
+    ops: list[int] = []  # flat: first pack, packs, length, items per pack, items before (5 per op)
+    emit = ops.extend
     next_pack = 0
-
-    def op(first: int, n: int, length: int, q: int) -> None:
-        ops_first.append(first)
-        ops_n.append(n)
-        ops_len.append(length)
-        ops_q.append(q)
-
-    def put(room: int, first: int, n: int, items: int) -> None:
-        nonlocal bits
-        if room == 0 or items >= cap_items:
-            return  # full: closed for good
-        pool = pools.get(room)
-        if pool is None:
-            pool = pools[room] = deque()
-        pool.append([first, n, items])
-        bits |= 1 << room
-
+    # The loop runs once per (length, pool range) touched (~20K times for 1M log-normal lengths),
+    # so "put a range back in the pool at its new room" is written out inline rather than called.
     for length in np.flatnonzero(hist)[::-1].tolist():
         left = int(hist[length])
         while left:
-            above = bits >> length
-            if not above:
+            # Best fit: the smallest room >= length (0: none).
+            w = length >> 6
+            m = words[w] >> (length & 63)
+            if m:
+                room = length + (m & -m).bit_length() - 1
+            else:
+                t = top >> (w + 1)
+                if t:
+                    w += (t & -t).bit_length()
+                    m = words[w]
+                    room = (w << 6) + (m & -m).bit_length() - 1
+                else:
+                    room = 0
+            if not room:
                 # No open pack has room: open new ones, each holding as many as fit.
-                q = min(capacity // length, cap_items)
-                full = left // q
+                q = capacity // length
+                if q > cap_items:
+                    q = cap_items
+                full, rest = divmod(left, q)
                 if full:
-                    op(next_pack, full, length, q)
-                    put(capacity - q * length, next_pack, full, q)
+                    emit((next_pack, full, length, q, 0))
+                    r = capacity - q * length
+                    if r and q < cap_items:  # else full: closed for good
+                        if r in pools:
+                            pools[r].append([next_pack, full, q])
+                        else:
+                            pools[r] = deque(([next_pack, full, q],))
+                            words[r >> 6] |= 1 << (r & 63)
+                            top |= 1 << (r >> 6)
                     next_pack += full
-                if left % q:
-                    op(next_pack, 1, length, left % q)
-                    put(capacity - (left % q) * length, next_pack, 1, left % q)
+                if rest:  # rest < q: room and item count are left
+                    emit((next_pack, 1, length, rest, 0))
+                    r = capacity - rest * length
+                    if r in pools:
+                        pools[r].append([next_pack, 1, rest])
+                    else:
+                        pools[r] = deque(([next_pack, 1, rest],))
+                        words[r >> 6] |= 1 << (r & 63)
+                        top |= 1 << (r >> 6)
                     next_pack += 1
                 break
-            room = length + ((above & -above).bit_length() - 1)
             pool = pools[room]
             entry = pool[0]
             first, n, items = entry
-            q = min(room // length, cap_items - items)
-            full = min(n, left // q)
+            q = room // length
+            if q > cap_items - items:
+                q = cap_items - items
+            full = left // q
+            if full > n:
+                full = n
             if full:
-                op(first, full, length, q)
+                emit((first, full, length, q, items))
                 left -= full * q
+                r = room - q * length
+                if r and items + q < cap_items:
+                    if r in pools:
+                        pools[r].append([first, full, items + q])
+                    else:
+                        pools[r] = deque(([first, full, items + q],))
+                        words[r >> 6] |= 1 << (r & 63)
+                        top |= 1 << (r >> 6)
                 first += full
                 n -= full
-                put(room - q * length, first - full, full, items + q)
             if n and left:  # one pack takes the rest (fewer than q)
-                op(first, 1, length, left)
-                put(room - left * length, first, 1, items + left)
+                emit((first, 1, length, left, items))
+                r = room - left * length
+                if r and items + left < cap_items:
+                    if r in pools:
+                        pools[r].append([first, 1, items + left])
+                    else:
+                        pools[r] = deque(([first, 1, items + left],))
+                        words[r >> 6] |= 1 << (r & 63)
+                        top |= 1 << (r >> 6)
                 first += 1
                 n -= 1
                 left = 0
@@ -131,22 +168,40 @@ def bfd_histogram(hist: np.ndarray, capacity: int, max_items: int | None = None)
                 pool.popleft()
                 if not pool:
                     del pools[room]
-                    bits &= ~(1 << room)
-    ops = np.empty((len(ops_first), 4), dtype=np.int64)
-    for j, col in enumerate((ops_first, ops_n, ops_len, ops_q)):
-        ops[:, j] = np.fromiter(col, dtype=np.int64, count=len(col))
-    return ops, next_pack
+                    w = room >> 6
+                    words[w] ^= 1 << (room & 63)
+                    if not words[w]:
+                        top ^= 1 << w
+    return np.fromiter(ops, dtype=np.int64, count=len(ops)).reshape(-1, 5), next_pack
 
 
-def _slots(ops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Expand ops into one slot per item: (pack id, length), in placement order."""
-    first, n, length, q = ops.T
-    per_op = n * q
-    op_of_slot = np.repeat(np.arange(len(ops)), per_op)
-    start = np.cumsum(per_op) - per_op
-    within = np.arange(int(per_op.sum()), dtype=np.int64) - start[op_of_slot]
-    pack = first[op_of_slot] + within // q[op_of_slot]
-    return pack, length[op_of_slot]
+def _per_pack(ops: np.ndarray, num_packs: int, per_item: np.ndarray) -> np.ndarray:
+    """Sum over ops of ``q * per_item`` added to each pack of the op's range (a difference array,
+    so the cost is per op, not per item)."""
+    first, n, _length, q, _before = ops.T
+    w = (q * per_item).astype(np.float64)  # exact: totals are far below 2**53
+    diff = np.bincount(first, weights=w, minlength=num_packs + 1) - np.bincount(first + n, weights=w,
+                                                                                minlength=num_packs + 1)
+    return np.cumsum(diff[:num_packs]).astype(np.int64)
+
+
+def _slot_positions(ops: np.ndarray, offsets: np.ndarray, with_pack: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Where each slot lands in the output ``order``, slots listed by length (ascending) and,
+    within a length, in placement order: the order samples sorted by (length, key) fill them.
+
+    A slot (op k, pack p, j-th of the op's q items in p) lands at offsets[p] + before_k + j, so
+    a pack's members come out in placement order (longest first) with no sort over items.
+    Expanded in two steps, op -> (op, pack) pairs -> slots, each a numpy repeat."""
+    ops = ops[np.argsort(ops[:, 2], kind="stable")]  # ops are grouped by length, longest first
+    first, n, _length, q, before = ops.T
+    pair_op = np.repeat(np.arange(len(ops)), n)
+    pair_start = np.cumsum(n) - n
+    pair_pack = first[pair_op] + (np.arange(len(pair_op)) - pair_start[pair_op])
+    pair_q = q[pair_op]
+    slot_start = np.cumsum(pair_q) - pair_q
+    pos = np.repeat(offsets[pair_pack] + before[pair_op] - slot_start, pair_q)
+    pos += np.arange(len(pos))
+    return pos, (np.repeat(pair_pack, pair_q) if with_pack else None)
 
 
 def splitmix64(x: np.ndarray, seed: int) -> np.ndarray:
@@ -173,34 +228,27 @@ def pack_lengths(lengths: np.ndarray, capacity: int, *, max_items: int | None = 
     if lo < 1 or hi > capacity:
         raise ValueError(f"lengths must be in [1, {capacity}], got [{lo}, {hi}]")
     ops, num_packs = bfd_histogram(np.bincount(lengths, minlength=capacity + 1), capacity, max_items)
-    slot_pack, slot_len = _slots(ops)
+    counts = _per_pack(ops, num_packs, np.ones(len(ops), np.int64))
+    offsets = np.zeros(num_packs + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    tokens = _per_pack(ops, num_packs, ops[:, 2])
+    pos, pack_by_len = _slot_positions(ops, offsets, with_pack=image_tokens is not None)
     del ops
     # Samples by (length, seeded hash): a stable order whatever the input order.
     key = splitmix64(sample_hash if sample_hash is not None else np.arange(n, dtype=np.uint64), seed)
     by_len = _order_by_length_then_key(lengths, key, capacity)
     del key
-    slot_by_len = np.argsort(slot_len.astype(np.int16 if capacity < 2**15 else np.int32), kind="stable")
-    del slot_len
     if image_tokens is not None:
-        by_len = _spread_images(by_len, slot_by_len, slot_pack, lengths, np.asarray(image_tokens), num_packs)
-    sample_of_slot = np.empty(n, dtype=np.int64)
-    sample_of_slot[slot_by_len] = by_len
-    del by_len, slot_by_len
-    # Group slots by pack (stable: within a pack, placement order = longest first).
-    grouped = np.argsort(slot_pack, kind="stable")
-    order = sample_of_slot[grouped]
-    del sample_of_slot, grouped
-    counts = np.bincount(slot_pack, minlength=num_packs)
-    offsets = np.zeros(num_packs + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    tokens = np.bincount(slot_pack, weights=None, minlength=num_packs)
-    tokens = np.add.reduceat(lengths[order].astype(np.int64), offsets[:-1]) if num_packs else tokens
-    return PackResult(order, offsets, tokens.astype(np.int64))
+        by_len = _spread_images(by_len, pack_by_len, lengths, np.asarray(image_tokens), num_packs)
+    order = np.empty(n, dtype=np.int64)
+    order[pos] = by_len
+    return PackResult(order, offsets, tokens)
 
 
 def _order_by_length_then_key(lengths: np.ndarray, key: np.ndarray, capacity: int) -> np.ndarray:
     """Sample indices sorted by (length, key), ties by index. One sort of packed uint64 words
-    (length | top key bits | index) is ~4x faster than a two-key lexsort."""
+    (length | top key bits | index) is ~4x faster than a two-key lexsort, and polars' sort of
+    them (single-threaded: a bucket is one Ray task on one CPU) ~3x faster than numpy's."""
     n = len(lengths)
     len_bits, idx_bits = int(capacity).bit_length(), max(int(n - 1).bit_length(), 1)
     key_bits = 64 - len_bits - idx_bits
@@ -208,15 +256,15 @@ def _order_by_length_then_key(lengths: np.ndarray, key: np.ndarray, capacity: in
         return np.lexsort((np.arange(n), key, lengths))
     word = (lengths.astype(np.uint64) << np.uint64(64 - len_bits)) | (
         (key >> np.uint64(64 - key_bits)) << np.uint64(idx_bits)) | np.arange(n, dtype=np.uint64)
-    word.sort()
+    word = pl.Series(word).sort(multithreaded=False).to_numpy()
     return (word & np.uint64((1 << idx_bits) - 1)).astype(np.int64)
 
 
-def _spread_images(by_len: np.ndarray, slot_by_len: np.ndarray, slot_pack: np.ndarray, lengths: np.ndarray,
-                   image_tokens: np.ndarray, num_packs: int) -> np.ndarray:
+def _spread_images(by_len: np.ndarray, pack_by_len: np.ndarray, lengths: np.ndarray, image_tokens: np.ndarray,
+                   num_packs: int) -> np.ndarray:
     """Within each length (longest first), give the most image-heavy samples to the slots whose
     packs are furthest below the global image-token share so far. Returns a new ``by_len`` (samples aligned with
-    ``slot_by_len``)."""
+    ``pack_by_len``, the pack of each slot in the same by-length order)."""
     load = np.zeros(num_packs, dtype=np.float64)  # image tokens minus the global share of tokens placed
     share = float(image_tokens.sum()) / max(float(lengths.sum()), 1.0)
     out = by_len.copy()
@@ -230,7 +278,7 @@ def _spread_images(by_len: np.ndarray, slot_by_len: np.ndarray, slot_pack: np.nd
         if not img.any():
             continue
         heavy_first = samples[np.argsort(-img, kind="stable")]
-        packs = slot_pack[slot_by_len[s:e]]
+        packs = pack_by_len[s:e]
         light_first = np.argsort(load[packs], kind="stable")
         out[s + light_first] = heavy_first
         np.add.at(load, packs, image_tokens[out[s:e]] - share * lengths[out[s:e]])

@@ -19,7 +19,7 @@ from ovpipe.ledger import read_ledger
 from ovpipe.shards import Location
 from ovpipe.stage import OutputConflict, run_stage
 from packing import tokenizer as ptok
-from packing.pack import bfd_histogram, lower_bound, pack_lengths
+from packing.pack import _order_by_length_then_key, bfd_histogram, lower_bound, pack_lengths, splitmix64
 from packing.stage import run_pack
 
 # ------------------------------------------------------------------ the core
@@ -54,6 +54,76 @@ def test_histogram_bfd_equals_item_by_item_bfd(seed, max_items):
     got = sorted((int(lengths[res.members(p)].sum()), len(res.members(p))) for p in range(res.num_packs))
     want = sorted((sum(b), len(b)) for b in naive_bfd(lengths.tolist(), cap, max_items))
     assert got == want
+
+
+def reference_assignment(lengths, capacity, hashes, seed, max_items=None):
+    """The assignment spelled out slot by slot, as pack.py did before it was vectorised: expand
+    the ops into one slot per item in placement order; samples sorted by (length, seeded hash,
+    index) fill the slots of their length in placement order; each pack lists its slots in
+    placement order. pack_lengths must give exactly this order (same bytes in the stage)."""
+    ops, num_packs = bfd_histogram(np.bincount(lengths, minlength=capacity + 1), capacity, max_items)
+    slot_pack, slot_len = [], []
+    for first, n, length, q, _before in ops.tolist():
+        for p in range(first, first + n):
+            slot_pack += [p] * q
+            slot_len += [length] * q
+    slot_pack, slot_len = np.array(slot_pack), np.array(slot_len)
+    key = splitmix64(hashes, seed)
+    key_bits = 64 - int(capacity).bit_length() - max(int(len(lengths) - 1).bit_length(), 1)
+    by_len = np.lexsort((np.arange(len(lengths)), key >> np.uint64(64 - key_bits), lengths))
+    sample_of_slot = np.empty(len(lengths), np.int64)
+    sample_of_slot[np.argsort(slot_len, kind="stable")] = by_len
+    order = sample_of_slot[np.argsort(slot_pack, kind="stable")]
+    counts = np.bincount(slot_pack, minlength=num_packs)
+    return order, counts
+
+
+@pytest.mark.parametrize("shape", ["lognormal", "bimodal", "near_max", "tiny"])
+@pytest.mark.parametrize("max_items", [None, 5])
+def test_vectorised_assignment_equals_slot_by_slot(shape, max_items):
+    rng = np.random.default_rng(len(shape) * 10 + (max_items or 0))
+    n, cap = 30000, 8192
+    lengths = {
+        "lognormal": np.clip(np.round(rng.lognormal(np.log(740) - 0.32, 0.8, n)), 64, cap),
+        "bimodal": np.clip(np.round(np.where(rng.random(n) < 0.7, rng.normal(250, 60, n),
+                                             rng.normal(3000, 600, n))), 64, cap),
+        "near_max": np.clip(np.round(np.where(rng.random(n) < 0.4, rng.uniform(6500, cap, n),
+                                              rng.lognormal(np.log(400), 0.7, n))), 64, cap),
+        "tiny": rng.integers(1, 40, n),
+    }[shape].astype(np.int64)
+    hashes = rng.integers(0, 2**63, n).astype(np.uint64)
+    res = pack_lengths(lengths, cap, max_items=max_items, sample_hash=hashes, seed=9)
+    order, counts = reference_assignment(lengths, cap, hashes, 9, max_items)
+    assert np.array_equal(res.order, order)
+    assert np.array_equal(np.diff(res.offsets), counts)
+    assert np.array_equal(res.pack_tokens, np.add.reduceat(lengths[order], res.offsets[:-1]))
+    assert res.order.dtype == res.offsets.dtype == res.pack_tokens.dtype == np.int64
+
+
+def test_ops_record_items_already_in_each_pack():
+    """``before`` (the 5th op column) is what the packs of the range already hold: replaying the
+    ops reproduces it, and no pack goes over the limits."""
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 101, 5000)
+    ops, num_packs = bfd_histogram(np.bincount(lengths, minlength=101), 100, 7)
+    items, room = np.zeros(num_packs, np.int64), np.full(num_packs, 100)
+    for first, n, length, q, before in ops.tolist():
+        assert (items[first:first + n] == before).all()
+        items[first:first + n] += q
+        room[first:first + n] -= q * length
+    assert items.sum() == len(lengths) and items.max() <= 7 and room.min() >= 0
+
+
+def test_order_by_length_then_key_fallback_agrees():
+    """The lexsort fallback (when length, key and index bits do not fit one word) and the packed
+    word sort give the same order."""
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(1, 50, 4000)
+    key = rng.integers(0, 2**63, 4000).astype(np.uint64)
+    word = _order_by_length_then_key(lengths, key, 8192)
+    fallback = _order_by_length_then_key(lengths, key, 2**50)  # 51 length bits: lexsort
+    assert np.array_equal(word, fallback)
+    assert np.array_equal(word, np.lexsort((np.arange(4000), key, lengths)))
 
 
 def test_every_sample_once_and_limits_hold():
