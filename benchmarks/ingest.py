@@ -6,7 +6,7 @@ another. ovpipe also does what the loop does not (dedup shuffle, EXIF orientatio
 checks, writing the output and ledger Parquet, manifest commits), on as many workers as Ray has
 CPUs. Ray's start-up is timed separately; the headline compares the stage's own wall time.
 
-    python benchmarks/ingest.py [--images 200000] [--shards 40] [--workers 2]
+    python benchmarks/ingest.py [--images 2000000] [--shards 100] [--workers 2]
 
 Last line: one JSON object; headline_ratio = ovpipe rows/s / loop rows/s (target >= 0.7).
 """
@@ -36,7 +36,7 @@ def base_jpegs(count: int, seed: int) -> list[bytes]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        w, h = int(rng.integers(48, 256)), int(rng.integers(48, 256))
+        w, h = int(rng.integers(32, 128)), int(rng.integers(32, 128))
         small = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((w, h))  # smooth, photo-like sizes (a few KB)
         buf = io.BytesIO()
@@ -99,8 +99,8 @@ def ovpipe_ingest(root: Path, out: Path, workers: int) -> tuple[int, float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=200_000)
-    parser.add_argument("--shards", type=int, default=40)
+    parser.add_argument("--images", type=int, default=2_000_000)
+    parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary data")

@@ -36,6 +36,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ovpipe.shards import Location
 
+# We check pixel counts ourselves (max_pixels, from the header, before any decode); PIL's own
+# warning below its hard limit is noise here. Set once: a catch_warnings per image costs more
+# than reading the header.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 # EXIF orientations 5-8 are transposes: the displayed image has width and height swapped.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -103,9 +108,7 @@ def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: i
     if len(data) > max_bytes:
         raise BadImage("image_too_large", f"{len(data):,} bytes > limit {max_bytes:,}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise BadImage("too_many_pixels", str(e)) from None
     except UnidentifiedImageError:
@@ -119,10 +122,12 @@ def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: i
         width, height = img.size
         if width * height > max_pixels:
             raise BadImage("too_many_pixels", f"{width}x{height} = {width * height:,} px > limit {max_pixels:,}")
-        try:
-            orientation = img.getexif().get(_EXIF_ORIENTATION_TAG)
-        except Exception:  # a broken EXIF block does not make the pixels unusable
-            orientation = None
+        orientation = None
+        if "exif" in img.info or img.format in ("TIFF", "MPO"):  # parsing EXIF only where there is some
+            try:
+                orientation = img.getexif().get(_EXIF_ORIENTATION_TAG)
+            except Exception:  # a broken EXIF block does not make the pixels unusable
+                pass
         if orientation in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
         if min(width, height) < min_side:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import time
 import traceback
 from collections import Counter
@@ -213,10 +214,9 @@ def commit_shard(task: ShardTask, result: ShardOutput, start: float | None = Non
 
 
 def _node_id() -> str | None:
+    ray = sys.modules.get("ray")  # never import Ray just to ask (local executor, tests)
     try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
     except Exception:
         return None
 
