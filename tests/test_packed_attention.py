@@ -1,6 +1,8 @@
 """Packed equivalence: each sample's logits and loss inside a packed row equal those of the sample
-run alone (float32), on every attention path available on this machine; and the same comparison
-fails by a wide margin when the isolation (block mask / per-image ViT attention) is removed.
+run alone (float32), on every LLM attention path available on this machine (per-sample SDPA and
+the block-mask SDPA on CPU; flash varlen too on CUDA with flash-attn); and the same comparison fails
+by a wide margin when the isolation (sample boundaries / block mask / per-image ViT attention) is
+removed.
 
 Tolerance: max |logit difference| <= 1e-4 and |loss difference| <= 1e-5 in float32 (measured
 ~1e-6 here). Without isolation the error is > 1e-2 (measured ~0.1-1).
@@ -64,9 +66,25 @@ def to_batch(rows: list[list[dict]]):
     return batch
 
 
+# LLM isolation path -> attn_implementation; flash varlen only where it can run.
+PATHS = {"per_sample": "per_sample", "sdpa": "sdpa"}
+if attention.flash_attn_available():
+    PATHS["flash_varlen"] = "flash_attention_2"
+DEVICE = "cuda" if attention.flash_attn_available() else "cpu"
+
+
 @pytest.fixture(scope="module")
-def model():
-    m = build_model(tiny_vision_config(), tiny_llm_config(), seed=0, attn_implementation="sdpa").eval()
+def models():
+    """The same seeded weights under every available path."""
+    return {path: build_model(tiny_vision_config(), tiny_llm_config(), seed=0,
+                              attn_implementation=impl).eval() for path, impl in PATHS.items()}
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    """The default model (build_model's "auto" path)."""
+    m = build_model(tiny_vision_config(), tiny_llm_config(), seed=0).eval()
+    assert m.llm_attention == ("flash_varlen" if attention.flash_attn_available() else "per_sample")
     return m
 
 
@@ -81,18 +99,24 @@ def samples():
     ]
 
 
-def per_sample_errors(model, samples, rows):
+def _on(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def per_sample_errors(model, samples, rows, device="cpu"):
     """Max logit / loss error of every sample in the packed `rows` against the sample run alone."""
+    model = model.to(device)
     with torch.no_grad():
         packed = to_batch(rows)
-        out = model(packed, return_logits=True)
+        out = model(_on(packed, device), return_logits=True)
+        out["logits"] = out["logits"].cpu()
         errs = []
         for b, row in enumerate(rows):
             t = 0
             for s in row:
                 n = len(s["ids"])
                 alone_batch = to_batch([[s]])
-                alone = model(alone_batch, return_logits=True)["logits"][0]
+                alone = model(_on(alone_batch, device), return_logits=True)["logits"][0].cpu()
                 got = out["logits"][b, t:t + n]
                 tgt = alone_batch["targets"][0]
                 loss_alone = F.cross_entropy(alone, tgt, ignore_index=-100)
@@ -102,14 +126,43 @@ def per_sample_errors(model, samples, rows):
     return errs
 
 
-def test_packed_equals_alone_sdpa_block_mask(model, samples):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_packed_equals_alone(models, samples, path):
+    model = models[path]
+    assert model.llm_attention == path
     rows = [[samples[0], samples[1], samples[2]], [samples[3], samples[0]]]  # 2 rows, padded
-    errs = per_sample_errors(model, samples, rows)
+    errs = per_sample_errors(model, samples, rows, DEVICE if path == "flash_varlen" else "cpu")
     assert len(errs) == 5
-    print(f"packed vs alone: max logit error {max(e[0] for e in errs):.3g}, "
+    print(f"{path}: packed vs alone: max logit error {max(e[0] for e in errs):.3g}, "
           f"max loss error {max(e[1] for e in errs):.3g}")
     for logit_err, loss_err in errs:
         assert logit_err <= LOGIT_TOL and loss_err <= LOSS_TOL, errs
+
+
+def test_paths_agree_on_a_packed_batch(models, samples):
+    """Every path computes the same function: the same weights give the same packed logits."""
+    batch = to_batch([[samples[0], samples[1], samples[2]], [samples[3], samples[0]]])
+    with torch.no_grad():
+        ref = models["sdpa"](batch, return_logits=True)["logits"]
+        for path in PATHS:
+            got = models[path].to(DEVICE if path == "flash_varlen" else "cpu")(
+                _on(batch, DEVICE if path == "flash_varlen" else "cpu"), return_logits=True)["logits"].cpu()
+            assert (got - ref).abs().max() <= LOGIT_TOL, path
+
+
+def test_per_sample_gradients_equal_block_mask(models, samples):
+    """Training uses the backward too: the per-sample path's gradients equal the block-mask path's."""
+    batch = to_batch([[samples[0], samples[1], samples[2]], [samples[3], samples[0]]])
+    grads = {}
+    for path in ("per_sample", "sdpa"):
+        m = models[path]
+        m.zero_grad(set_to_none=True)
+        m(batch)["loss_sum"].backward()
+        grads[path] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        m.zero_grad(set_to_none=True)
+    assert grads["per_sample"].keys() == grads["sdpa"].keys()
+    for n, g in grads["sdpa"].items():
+        assert torch.allclose(grads["per_sample"][n], g, rtol=1e-4, atol=1e-6), n
 
 
 def test_packed_loss_sum_equals_sum_of_alone(model, samples):
@@ -132,11 +185,25 @@ def _dense_vision(q, k, v, cu_seqlens, use_flash=False):
     return o[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("broken", ["llm_causal_mask_only", "llm_2d_ones_mask_with_cache",
-                                    "vision_dense_attention"])
-def test_isolation_removed_gives_large_error(model, samples, monkeypatch, broken):
+def _row_starts_only(segment_ids):
+    """cu_seqlens that cut only at row starts: each packed row becomes one causal sequence."""
+    B, L = segment_ids.shape
+    return torch.arange(0, B * L + 1, L, dtype=torch.int32, device=segment_ids.device)
+
+
+@pytest.mark.parametrize("path, broken", [
+    ("per_sample", "llm_no_sample_boundaries"),
+    ("per_sample", "vision_dense_attention"),
+    ("sdpa", "llm_causal_mask_only"),
+    ("sdpa", "llm_2d_ones_mask_with_cache"),
+    ("sdpa", "vision_dense_attention"),
+] + ([("flash_varlen", "llm_no_sample_boundaries")] if "flash_varlen" in PATHS else []))
+def test_isolation_removed_gives_large_error(models, samples, monkeypatch, path, broken):
     """Negative control: the equivalence test above would fail without the isolation."""
-    if broken == "llm_causal_mask_only":
+    model = models[path]
+    if broken == "llm_no_sample_boundaries":
+        monkeypatch.setattr(attention, "cu_seqlens_from_segments", _row_starts_only)
+    elif broken == "llm_causal_mask_only":
         monkeypatch.setattr(attention, "block_causal_mask", _causal_only)
     elif broken == "llm_2d_ones_mask_with_cache":
         # restarting position ids + an all-ones 2D mask + use_cache=True: what a naive call does
@@ -147,11 +214,11 @@ def test_isolation_removed_gives_large_error(model, samples, monkeypatch, broken
     # text-only sample last: it is only corrupted through the LLM path; the image samples
     # second and third, so dense ViT attention mixes their patches
     rows = [[samples[2], samples[1], samples[0]]]
-    errs = per_sample_errors(model, samples, rows)
+    errs = per_sample_errors(model, samples, rows, DEVICE if path == "flash_varlen" else "cpu")
     if broken.startswith("llm"):
         assert errs[0][0] < LOGIT_TOL  # the first sample sees only itself under a causal mask
     worst = max(e[0] for e in errs)
-    print(f"{broken}: max logit error without isolation {worst:.3g}")
+    print(f"{path} {broken}: max logit error without isolation {worst:.3g}")
     assert worst > 1e-2, errs
 
 
@@ -182,3 +249,17 @@ def test_unsupported_attention_implementation_is_refused():
 def test_cu_seqlens_from_segments():
     seg = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 2, 2]])
     assert attention.cu_seqlens_from_segments(seg).tolist() == [0, 2, 5, 6, 7, 10, 12]
+
+
+def test_per_sample_attention_refuses_missing_or_bad_boundaries(models, samples):
+    """Without boundaries the per-sample function would silently attend across samples: it raises."""
+    m = models["per_sample"]
+    batch = to_batch([[samples[0], samples[0]]])  # text only
+    embeds = m.embed(batch["input_ids"])
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        m.llm.model(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False)
+    L = batch["input_ids"].shape[1]
+    q = torch.zeros(2, 4, L, 16)
+    crossing = torch.tensor([0, L + 1, 2 * L], dtype=torch.int32)  # a "sample" spanning two rows
+    with pytest.raises(ValueError, match="crosses the end of row 0"):
+        attention.per_sample_attention(None, q, q, q, None, cu_seq_lens_q=crossing)

@@ -9,8 +9,14 @@ Two places need isolation:
   boundaries. So we never rely on that detection: every LLM call gets ``use_cache=False`` and an
   explicit isolation argument:
 
+  - ``"per_sample"`` (default on CPU, and on CUDA without flash-attn): our attention function
+    ``per_sample_attention`` registered with transformers as ``PER_SAMPLE_IMPL``, fed the same
+    ``cu_seq_lens_q/k`` as flash varlen. It cuts each row at the sample boundaries and runs one
+    unmasked causal SDPA call (``is_causal=True``: the fast kernel) per sample, so a pack costs
+    sum(n_i^2) attention, not L^2 through the masked math kernel.
   - ``"sdpa"``: a 4D block-diagonal causal boolean mask ``(B, 1, L, L)`` (True = may attend),
-    which transformers passes to ``scaled_dot_product_attention`` unchanged. Works on CPU and GPU.
+    which transformers passes to ``scaled_dot_product_attention`` unchanged. Works on CPU and GPU;
+    kept selectable (``attn_implementation="sdpa"``) as the reference path.
   - ``"flash_varlen"``: flash-attn's varlen kernel through transformers' ``flash_attention_2``,
     fed ``cu_seq_lens_q/k`` + ``max_length_q/k`` explicitly (the whole batch flattened to one row).
     Only when flash-attn is installed and the model is on CUDA.
@@ -27,7 +33,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-LLM_ATTENTION_PATHS = ("sdpa", "flash_varlen")
+LLM_ATTENTION_PATHS = ("per_sample", "sdpa", "flash_varlen")
+PER_SAMPLE_IMPL = "ovpipe_per_sample"  # the name transformers knows per_sample_attention by
 
 
 def flash_attn_available() -> bool:
@@ -60,6 +67,11 @@ def llm_isolation_kwargs(segment_ids: torch.Tensor, path: str) -> dict:
     """Keyword arguments for a transformers Qwen3 forward that isolate the packed samples."""
     if path == "sdpa":
         return {"attention_mask": block_causal_mask(segment_ids), "use_cache": False}
+    if path == "per_sample":
+        # The mask factory returns None for an implementation it does not know, so nothing dense is
+        # built; the boundaries reach per_sample_attention as cu_seq_lens_q/k.
+        cu = cu_seqlens_from_segments(segment_ids)
+        return {"attention_mask": None, "use_cache": False, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
     if path == "flash_varlen":
         cu = cu_seqlens_from_segments(segment_ids)
         max_len = int((cu[1:] - cu[:-1]).max())
@@ -72,6 +84,53 @@ def llm_isolation_kwargs(segment_ids: torch.Tensor, path: str) -> dict:
             "max_length_k": max_len,
         }
     raise ValueError(f"unknown LLM attention path {path!r}; expected one of {LLM_ATTENTION_PATHS}")
+
+
+def per_sample_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                         cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
+                         **kwargs):
+    """transformers attention function (registered as ``PER_SAMPLE_IMPL``): causal attention within
+    each sample of each packed row, one unmasked ``is_causal`` SDPA call per sample.
+
+    query (B, H, L, D), key/value (B, H_kv, L, D); ``cu_seq_lens_q``: sample starts of the batch
+    flattened row by row (``cu_seqlens_from_segments``), so no sample crosses a row. Returns the
+    output as (B, L, H, D) like transformers' own functions, and no attention weights."""
+    if cu_seq_lens_q is None:
+        raise ValueError("per-sample attention needs the packing boundaries (cu_seq_lens_q); call the model "
+                         "through VisionLanguageModel, which passes llm_isolation_kwargs(..., 'per_sample')")
+    if attention_mask is not None:
+        raise ValueError("per-sample attention takes no attention mask: the samples are cut by cu_seq_lens_q")
+    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
+        raise ValueError("per-sample attention is self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
+    B, H, L, _ = query.shape
+    bounds = cu_seq_lens_q.tolist()
+    if bounds[0] != 0 or bounds[-1] != B * L:
+        raise ValueError(f"cu_seq_lens_q spans [{bounds[0]}, {bounds[-1]}), the batch has {B}x{L} tokens")
+    gqa = key.shape[1] != H
+    dropout_p = dropout if module is None or module.training else 0.0
+    rows = [[] for _ in range(B)]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        b, s = divmod(start, L)
+        e = end - b * L
+        if e > L:
+            raise ValueError(f"sample [{start}, {end}) of cu_seq_lens_q crosses the end of row {b}")
+        # Unmasked + is_causal: SDPA's fast kernel; tokens of other samples are simply not there.
+        rows[b].append(F.scaled_dot_product_attention(
+            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+            dropout_p=dropout_p, is_causal=True, scale=scaling, enable_gqa=gqa))
+    out = torch.cat([torch.cat(r, dim=2) for r in rows], dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_per_sample_attention() -> None:
+    """Make ``PER_SAMPLE_IMPL`` a valid ``attn_implementation`` for transformers models."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PER_SAMPLE_IMPL, per_sample_attention)
+
+
+register_per_sample_attention()
 
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

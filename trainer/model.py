@@ -220,10 +220,13 @@ class VisionLanguageModel(nn.Module):
         impl = self.llm.config._attn_implementation
         if impl == "flash_attention_2":
             return "flash_varlen"
+        if impl == attention.PER_SAMPLE_IMPL:
+            return "per_sample"
         if impl == "sdpa":
             return "sdpa"
         raise ValueError(f"LLM attention implementation {impl!r} is not supported for packed training; "
-                         "build the model with attn_implementation 'sdpa' or 'flash_attention_2'")
+                         f"build the model with attn_implementation 'auto', 'per_sample', 'sdpa' or "
+                         "'flash_attention_2'")
 
     def blocks(self) -> list[nn.Module]:
         """The units to wrap with FSDP2 ``fully_shard``: ViT blocks, then LLM decoder layers."""
@@ -287,17 +290,20 @@ def tiny_vision_config() -> VisionConfig:
 
 def build_model(vision_cfg: VisionConfig, llm_config=None, llm_path: str | Path | None = None,
                 vision_checkpoint: str | Path | None = None, seed: int = 0,
-                attn_implementation: str = "sdpa") -> VisionLanguageModel:
+                attn_implementation: str = "auto") -> VisionLanguageModel:
     """Build the model. The LLM comes from a local Hugging Face Qwen3 folder (``llm_path``) or,
     for tests and the demo, from ``llm_config`` with seeded random weights; the vision tower from
     a local RICE-ViT checkpoint (trainer/checkpoint_convert.py) or seeded random weights. The
-    projector is always new (stage 1 trains it). ``attn_implementation``: "sdpa" (block mask; CPU
-    or GPU), "flash_attention_2" (varlen, needs flash-attn and CUDA) or "auto" (flash when
-    available, else sdpa)."""
+    projector is always new (stage 1 trains it). ``attn_implementation`` (the LLM's isolation path,
+    trainer/attention.py): "auto" (flash varlen when flash-attn and CUDA are there, else per-sample),
+    "per_sample" (one causal SDPA call per sample; CPU or GPU), "sdpa" (dense block mask; CPU or
+    GPU) or "flash_attention_2" (varlen, needs flash-attn and CUDA)."""
     from transformers import Qwen3ForCausalLM
 
     if attn_implementation == "auto":
-        attn_implementation = "flash_attention_2" if attention.flash_attn_available() else "sdpa"
+        attn_implementation = "flash_attention_2" if attention.flash_attn_available() else "per_sample"
+    if attn_implementation == "per_sample":
+        attn_implementation = attention.PER_SAMPLE_IMPL
     torch.manual_seed(seed)
     if llm_path is not None:
         llm = Qwen3ForCausalLM.from_pretrained(str(llm_path), attn_implementation=attn_implementation,
