@@ -167,8 +167,10 @@ def _hash_occurrences(shard: Location, committed: bool, index: int, cfg: Config,
         occ["prio"] = 0
     else:
         try:
-            found = [(xxhash.xxh3_64_intdigest(r.data), r.row) for r in read_shard(shard, cfg.ingest)
-                     if r.error is None and r.data]
+            found = _parquet_image_hashes(shard, cfg)
+            if found is None:  # tars, folders, path columns: the general reader
+                found = [(xxhash.xxh3_64_intdigest(r.data), r.row) for r in read_shard(shard, cfg.ingest)
+                         if r.error is None and r.data]
         except Exception:  # an unreadable shard has no occurrences; process() reports its error
             found = []
         occ = np.zeros(len(found), _OCCURRENCE)
@@ -179,6 +181,28 @@ def _hash_occurrences(shard: Location, committed: bool, index: int, cfg: Config,
     part = occ["hash"] % np.uint64(partitions)
     split = [occ[part == p] for p in range(partitions)]
     return split if partitions > 1 else split[0]
+
+
+def _parquet_image_hashes(shard: Location, cfg: Config) -> list[tuple[int, int]] | None:
+    """Fast path for Parquet with an image-bytes column: read that one column and hash it, with
+    the same row numbers the reader gives (None when the shard is not of that kind)."""
+    if not shard.path.endswith(".parquet"):
+        return None
+    with shard.fs.open_input_file(shard.path) as f:
+        pf = pq.ParquetFile(f)
+        column = next((c for c in cfg.ingest.image_columns if c in pf.schema_arrow.names), None)
+        if column is None:
+            return None
+        found, row = [], 0
+        for batch in pf.iter_batches(batch_size=cfg.ingest.batch_rows, columns=[column]):
+            values = batch.column(0)
+            if pa.types.is_struct(values.type):
+                values = values.field("bytes")
+            for data in values.to_pylist():
+                if data:
+                    found.append((xxhash.xxh3_64_intdigest(data), row))
+                row += 1
+        return found
 
 
 def _losers(*parts: np.ndarray) -> np.ndarray:
