@@ -1,4 +1,3 @@
-# Developers: read CONTRIBUTING.md first (shared tree: small targeted edits only in this file).
 """The `ovpipe` command line. Every stage has the same shape:
 
     ovpipe <stage> --input IN --output OUT [--config run.toml] [--set key=value ...] [--overwrite]

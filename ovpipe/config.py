@@ -1,4 +1,3 @@
-# Developers: read CONTRIBUTING.md first (shared tree: small targeted edits only in this file).
 """Run configuration: one TOML file per run, typed and validated loudly.
 
 Every section is a pydantic model that forbids unknown keys, so a typo such as

@@ -1,4 +1,3 @@
-# Developers: read CONTRIBUTING.md first (shared tree: small targeted edits only in this file).
 """Running a stage: one input shard -> one output shard + its ledger rows, committed by a
 manifest entry, as Ray tasks.
 

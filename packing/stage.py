@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -108,16 +109,79 @@ def _read_lengths(pf: pq.ParquetFile, uri: str, source: str) -> Iterator[dict]:
     row = 0
     for batch in pf.iter_batches(columns=cols, batch_size=65536):
         d = batch.to_pydict()
+        sources = d.get("source") or [None] * batch.num_rows  # once per batch, not per row
         for i in range(batch.num_rows):
             sid = d["sample_id"][i]
             rec = {"locator": f"{uri}#row={row}", "sample_id": sid, "num_tokens": d["num_tokens"][i],
-                   "source": (d.get("source") or [None] * batch.num_rows)[i] or source}
+                   "source": sources[i] or source}
             h = d["sample_hash"][i] if "sample_hash" in d else None
             rec["sample_hash"] = h if h is not None else (_hash_id(sid) if sid else 0)
             if not sid:
                 rec["error"] = SampleError("missing_sample_id", "sample_id is null or empty")
             yield rec
             row += 1
+
+
+def _lengths_table(pf: pq.ParquetFile, uri: str, source: str, cfg, ledger: Ledger) -> pa.Table | None:
+    """The lengths-only input (``sample_id`` + integer ``num_tokens``) as whole columns: the same
+    checks, ledger rows and staged rows as ``_read_lengths`` + ``_sample``, without a Python step
+    per row (only per dropped row, and one xxhash call per id without a ``sample_hash``).
+    None when a column has a type the row path handles differently (it is then used)."""
+    schema = pf.schema_arrow
+    names = schema.names
+    if "sample_id" not in names:
+        raise ValueError(f"{uri}: a num_tokens input needs a sample_id column too (has {names})")
+    is_str = lambda c: c not in names or pa.types.is_string(schema.field(c).type)  # noqa: E731
+    if not (pa.types.is_integer(schema.field("num_tokens").type) and is_str("sample_id") and is_str("source")
+            and ("sample_hash" not in names or schema.field("sample_hash").type == pa.uint64())):
+        return None
+    cols = [c for c in ("sample_id", "sample_hash", "num_tokens", "source") if c in names]
+    t = pf.read(columns=cols)
+    sid, num = t.column("sample_id"), t.column("num_tokens")
+    no_id = np.asarray(pc.fill_null(pc.equal(pc.utf8_length(sid), 0), True))
+    bad = np.asarray(pc.fill_null(pc.less_equal(num, 0), True))
+    over = np.asarray(pc.fill_null(pc.greater(num, cfg.max_len), False))
+    dropped = no_id | bad | over
+    for row in np.flatnonzero(dropped).tolist():  # input order, first failing check, as row by row
+        s, n = sid[row].as_py(), num[row].as_py()
+        if no_id[row]:
+            err = SampleError("missing_sample_id", "sample_id is null or empty")
+        elif bad[row]:
+            err = SampleError("bad_num_tokens", f"num_tokens {n!r} is not a positive integer")
+        else:
+            err = SampleError("overlong", f"{n} tokens > max_len {cfg.max_len} (precomputed lengths "
+                              "cannot be truncated)")
+        ledger.drop(f"{uri}#row={row}", err.reason, err.detail, s)
+    keep = pa.array(~dropped)
+    t = t.filter(keep)
+    k = t.num_rows
+    sid = t.column("sample_id").combine_chunks()
+    ids = sid.to_pylist()
+    if "sample_hash" in names:
+        hashes = t.column("sample_hash").fill_null(0).to_numpy().copy()
+        for i in np.flatnonzero(np.asarray(t.column("sample_hash").is_null())).tolist():
+            hashes[i] = _hash_id(ids[i])
+    else:
+        hashes = np.fromiter(map(_hash_id, ids), dtype=np.uint64, count=k)
+    if False:
+        src = t.column("source")
+        named = pc.fill_null(pc.greater(pc.utf8_length(src), 0), False)
+        sources = pc.if_else(named, src, pa.scalar(source, pa.string())).combine_chunks()
+    else:
+        sources = pa.repeat(pa.scalar(source, pa.string()), k)
+    none = pa.array(np.zeros(k + 1, np.int32))  # list offsets of k empty lists
+    columns = {
+        "sample_id": sid, "sample_hash": pa.array(hashes, pa.uint64()),
+        "bucket": pa.array((hashes % np.uint64(cfg.buckets)).astype(np.int32)),
+        "num_tokens": pa.array(np.asarray(t.column("num_tokens"), dtype=np.int64).astype(np.int32)),
+        "image_tokens": pa.array(np.zeros(k, np.int32)), "truncated": pa.array(np.zeros(k, bool)),
+        "source": sources, "conversation": pa.repeat(pa.scalar("", pa.string()), k),
+        "input_ids": pa.ListArray.from_arrays(none, pa.array([], pa.int32())),
+        "loss_mask": pa.ListArray.from_arrays(none, pa.array([], pa.uint8())),
+        "images": pa.ListArray.from_arrays(none, pa.array([], pa.binary())),
+        "image_hw": pa.ListArray.from_arrays(none, pa.array([], pa.list_(pa.int32()))),
+    }
+    return pa.Table.from_pydict(columns, schema=STAGED_SCHEMA)
 
 
 def _read_captions(pf: pq.ParquetFile, uri: str, source: str, cfg, filesystem) -> Iterator[dict]:
@@ -260,18 +324,23 @@ class PackPrepStage:
         tok = ptok.load_tokenizer(p.tokenizer)
         return ptok.template_identity(tok, p.min_pixels, p.max_pixels, p.loss_on, p.system_prompt)
 
-    def _records(self, task: ShardTask) -> tuple[Iterator[dict], str]:
+    @staticmethod
+    def _source(task: ShardTask) -> str:
         from curation.ingest import default_source
 
+        return task.config.pack.source or default_source(task)
+
+    def _records(self, task: ShardTask) -> tuple[Any, str]:
+        """(records, kind); for kind "lengths", the open ParquetFile (read as whole columns)."""
         cfg = task.config.pack
-        source = cfg.source or default_source(task)
+        source = self._source(task)
         if task.input.path.endswith((".json", ".jsonl")):
             return _read_llava_json(task, cfg, source), "conversations"
         f = task.input.fs.open_input_file(task.input.path)
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if "num_tokens" in names:
-            return _read_lengths(pf, task.input.uri(), source), "lengths"
+            return pf, "lengths"
         if "conversations" in names:
             return _read_conversation_parquet(pf, task, cfg, source), "conversations"
         if "caption" in names and "image_uri" in names:
@@ -286,8 +355,13 @@ class PackPrepStage:
     def process(self, task: ShardTask) -> ShardOutput:
         cfg = task.config.pack
         ledger = Ledger(self.name)
-        rows: dict[str, list] = {f.name: [] for f in STAGED_SCHEMA}
         records, kind = self._records(task)
+        if kind == "lengths":
+            table = _lengths_table(records, task.input.uri(), self._source(task), cfg, ledger)
+            if table is not None:
+                return self._stage_rows(task, table, table.num_rows + len(ledger), ledger)
+            records = _read_lengths(records, task.input.uri(), self._source(task))
+        rows: dict[str, list] = {f.name: [] for f in STAGED_SCHEMA}
         tok = None if kind == "lengths" else ptok.load_tokenizer(cfg.tokenizer)  # lengths need no tokenizer
         n_in = 0
         for rec in records:
@@ -303,7 +377,10 @@ class PackPrepStage:
             sample.update(sample_id=rec["sample_id"], sample_hash=h, bucket=h % cfg.buckets, source=rec["source"])
             for k in rows:
                 rows[k].append(sample[k])
-        table = pa.Table.from_pydict(rows, schema=STAGED_SCHEMA)
+        return self._stage_rows(task, pa.Table.from_pydict(rows, schema=STAGED_SCHEMA), n_in, ledger)
+
+    @staticmethod
+    def _stage_rows(task: ShardTask, table: pa.Table, n_in: int, ledger: Ledger) -> ShardOutput:
         # Group by bucket (stable: input order within a bucket), one row group per bucket.
         table = table.take(np.argsort(np.asarray(table.column("bucket")), kind="stable"))
         _write_payload(task.output_root.join(PAYLOAD_DIR, f"{task.shard}.parquet"), table)
