@@ -163,7 +163,7 @@ def _lengths_table(pf: pq.ParquetFile, uri: str, source: str, cfg, ledger: Ledge
             hashes[i] = _hash_id(ids[i])
     else:
         hashes = np.fromiter(map(_hash_id, ids), dtype=np.uint64, count=k)
-    if False:
+    if "source" in names:
         src = t.column("source")
         named = pc.fill_null(pc.greater(pc.utf8_length(src), 0), False)
         sources = pc.if_else(named, src, pa.scalar(source, pa.string())).combine_chunks()

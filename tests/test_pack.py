@@ -356,6 +356,58 @@ def test_precomputed_num_tokens_alone(ray_address, tmp_path):
     assert len(ds) == packs.height and set(ds.column_names) >= {"pack_id", "sample_ids", "sample_lens"}
 
 
+def test_lengths_columns_path_equals_row_path(tmp_path, monkeypatch):
+    """A (sample_id, num_tokens) input is staged from whole columns; it must give the same
+    bytes (staged payloads, ledger, packs, stats) as the row-by-row reader, on bad rows too."""
+    import packing.stage as pstage
+
+    rng = np.random.default_rng(12)
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 3000
+    for k, (with_hash, with_source, typ) in enumerate([(False, False, pa.int64()), (True, True, pa.int32()),
+                                                       (True, False, pa.uint16())]):
+        ids = [f"s{k}_{i:05d}" for i in range(n)]
+        ids[5], ids[17] = None, ""
+        nt = np.clip(rng.lognormal(np.log(740), 0.9, n), 1, 9000).astype(np.int64).tolist()
+        nt[3], nt[4], nt[7], nt[8] = None, 0, 8193, 8192
+        nt[6] = 0 if typ == pa.uint16() else -5
+        cols = {"sample_id": pa.array(ids, pa.string()), "num_tokens": pa.array(nt, typ)}
+        if with_hash:
+            h = rng.integers(0, 2**63, n).astype(np.uint64).tolist()
+            h[10] = h[11] = None
+            cols["sample_hash"] = pa.array(h, pa.uint64())
+        if with_source:
+            cols["source"] = pa.array([["a", "b", "", None][i % 4] for i in range(n)], pa.string())
+        pq.write_table(pa.table(cols), src / f"part-{k}.parquet")
+    cfg = load_config(overrides=["pack.buckets=3", "pack.plot=false", "run.executor=\"local\""])
+    fast = run_pack(str(src), str(tmp_path / "fast"), cfg, quiet=True)
+    calls = []
+    monkeypatch.setattr(pstage, "_lengths_table", lambda *a: calls.append(1))  # None: the row path
+    rows = run_pack(str(src), str(tmp_path / "rows"), cfg, quiet=True)
+    assert len(calls) == 3
+    assert fast.dropped_by_reason == rows.dropped_by_reason == {"bad_num_tokens": 9, "missing_sample_id": 6,
+                                                                "overlong": fast.dropped_by_reason["overlong"]}
+
+    def data_files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))}
+
+    a, b = data_files(tmp_path / "fast"), data_files(tmp_path / "rows")
+    assert a.keys() == b.keys() and len([k for k in a if "ledger" in k]) == 3
+    assert [k for k in a if a[k] != b[k]] == []
+    assert (tmp_path / "fast" / "pack_stats.json").read_text() == (tmp_path / "rows" / "pack_stats.json").read_text()
+
+
+def test_float_num_tokens_take_the_row_path(tmp_path):
+    """A num_tokens column that is not integer is not trusted: every row is ledgered."""
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"sample_id": ["a", "b"], "num_tokens": [10.0, 20.5]}), src / "part-0.parquet")
+    cfg = load_config(overrides=["pack.buckets=2", "pack.plot=false", "run.executor=\"local\""])
+    summary = run_pack(str(src), str(tmp_path / "out"), cfg, quiet=True)
+    assert summary.dropped_by_reason == {"bad_num_tokens": 2} and summary.kept_rows == 0
+
+
 def _png(w: int, h: int, colour) -> bytes:
     import io
 
