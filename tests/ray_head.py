@@ -49,7 +49,12 @@ def ray_head(num_cpus: int = 2, timeout_s: float = 120) -> Iterator[dict[str, st
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          f"--num-cpus={num_cpus}", "--disable-usage-stats", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}",
+         # Every agent port free too: the defaults (52365, ...) clash with any other Ray on the
+         # machine (the test session's own), and then the job agent never starts.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         env=head_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"
     try:
