@@ -2,7 +2,8 @@
 
 The same samples (text-only, lengths from a log-normal mix capped at max_len = 2048, token ids
 seeded) are trained on two ways with the trainer's own model and step (trainer/model.py,
-trainer/train.py: block-diagonal SDPA mask, loss on every next token of a sample, AdamW):
+trainer/train.py: the default LLM isolation path, loss on every next token of a sample, AdamW);
+``--attention`` picks the isolation path (auto = per-sample causal SDPA on CPU; sdpa = block mask).
 
 * packed: the project's packer (packing/pack.py) fills 2048-token packs; one pack per step;
 * padded: batches of B = round(mean samples per pack) samples in a seeded random order, each
@@ -13,7 +14,7 @@ tokens/s (target >= 1.5 on the log-normal mix). Timings alternate packed and pad
 keep the best round of each, as the machine is shared. Last line: one JSON object; also writes
 benchmarks/results/train.json and train.png.
 
-    .venv/bin/python benchmarks/train.py [--samples 240] [--rounds 2]
+    .venv/bin/python benchmarks/train.py [--samples 240] [--rounds 2] [--attention auto|per_sample|sdpa]
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ def stack(rows: list[dict]) -> dict:
     return out
 
 
-def run(batches: list[dict], seed: int) -> tuple[float, float]:
+def run(batches: list[dict], seed: int, attention: str = "auto") -> tuple[float, float]:
     """Seconds for one optimizer step per batch over all batches; and the mean loss."""
-    model = build_model(tiny_vision_config(), tiny_llm_config(vocab_size=VOCAB, seed_hidden=HIDDEN), seed=seed)
+    model = build_model(tiny_vision_config(), tiny_llm_config(vocab_size=VOCAB, seed_hidden=HIDDEN), seed=seed,
+                        attn_implementation=attention)
     model.train()
     opt = make_optimizer(model, "1.5", {"vision": 1e-4, "projector": 1e-4, "llm": 1e-4})
     forward_backward(model, [batches[0]], batches[0]["num_loss_tokens"], sharded=False)  # warm-up
@@ -91,6 +93,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attention", default="auto", help="LLM isolation path (build_model attn_implementation)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -120,12 +123,14 @@ def main(argv=None) -> dict:
     loss = {}
     for r in range(a.rounds):
         for name, batches in (("packed", packed_batches), ("padded", padded_batches)):
-            sec, loss[name] = run(batches, a.seed)
+            sec, loss[name] = run(batches, a.seed, a.attention)
             best[name] = min(best[name], sec)
             print(f"round {r + 1}/{a.rounds} {name}: {sec:.1f}s, {effective / sec:,.0f} effective tok/s",
                   file=sys.stderr)
     result = {
         "benchmark": "train_packed_vs_padded", "device": "cpu", "max_len": a.max_len, "samples": a.samples,
+        "attention": build_model(tiny_vision_config(), tiny_llm_config(vocab_size=VOCAB, seed_hidden=16),
+                                 attn_implementation=a.attention).llm_attention,
         "length_mix": "lognormal(median 400, sigma 0.8), clipped to [16, max_len]",
         "mean_sample_len": round(float(lengths.mean()), 1), "effective_tokens": effective,
         "packs": len(packs), "mean_samples_per_pack": round(a.samples / len(packs), 2), "padded_batch_size": B,
