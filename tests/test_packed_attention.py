@@ -258,6 +258,12 @@ def test_per_sample_attention_refuses_missing_or_bad_boundaries(models, samples)
     embeds = m.embed(batch["input_ids"])
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         m.llm.model(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False)
+    # a plain call (one sequence, no restarts) is one causal sequence, as on transformers' own sdpa
+    ids = batch["input_ids"][:, :40]
+    with torch.no_grad():
+        plain = m.llm(input_ids=ids, use_cache=False).logits
+        ref = models["sdpa"].llm(input_ids=ids, use_cache=False).logits
+    assert (plain - ref).abs().max() <= LOGIT_TOL
     L = batch["input_ids"].shape[1]
     q = torch.zeros(2, 4, L, 16)
     crossing = torch.tensor([0, L + 1, 2 * L], dtype=torch.int32)  # a "sample" spanning two rows

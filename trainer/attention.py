@@ -94,16 +94,24 @@ def per_sample_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
     each sample of each packed row, one unmasked ``is_causal`` SDPA call per sample.
 
     query (B, H, L, D), key/value (B, H_kv, L, D); ``cu_seq_lens_q``: sample starts of the batch
-    flattened row by row (``cu_seqlens_from_segments``), so no sample crosses a row. Returns the
-    output as (B, L, H, D) like transformers' own functions, and no attention weights."""
-    if cu_seq_lens_q is None:
-        raise ValueError("per-sample attention needs the packing boundaries (cu_seq_lens_q); call the model "
-                         "through VisionLanguageModel, which passes llm_isolation_kwargs(..., 'per_sample')")
+    flattened row by row (``cu_seqlens_from_segments``), so no sample crosses a row. Without it, a
+    plain call (one sequence per row: position ids absent or 0..L-1) is one causal sequence per row;
+    restarting position ids without boundaries raise rather than guess. Returns the output as
+    (B, L, H, D) like transformers' own functions, and no attention weights."""
+    B, H, L, _ = query.shape
     if attention_mask is not None:
         raise ValueError("per-sample attention takes no attention mask: the samples are cut by cu_seq_lens_q")
+    if key.shape[2] != L:
+        raise ValueError("per-sample attention is for training (no KV cache): query and key lengths differ")
+    if cu_seq_lens_q is None:
+        pos = kwargs.get("position_ids")
+        if pos is not None and not torch.equal(pos, torch.arange(L, device=pos.device).expand_as(pos)):
+            raise ValueError("per-sample attention got restarting position ids but no packing boundaries "
+                             "(cu_seq_lens_q); call the model through VisionLanguageModel, which passes "
+                             "llm_isolation_kwargs(..., 'per_sample')")
+        cu_seq_lens_q = torch.arange(0, B * L + 1, L)  # one sequence per row
     if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
         raise ValueError("per-sample attention is self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
-    B, H, L, _ = query.shape
     bounds = cu_seq_lens_q.tolist()
     if bounds[0] != 0 or bounds[-1] != B * L:
         raise ValueError(f"cu_seq_lens_q spans [{bounds[0]}, {bounds[-1]}), the batch has {B}x{L} tokens")
