@@ -111,7 +111,7 @@ def save_report(result: dict) -> None:
     names = ["plain loop (1 process)", f"ovpipe ingest ({result['workers']} Ray workers)"]
     ax.barh(names, [result["loop_rows_per_s"], result["ovpipe_rows_per_s"]], color=["#999", "#3a7"])
     ax.set_xlabel("images / s")
-    ax.set_title(f"ingest, {result['images']:,} images: ratio {result['headline_ratio']} "
+    ax.set_title(f"ingest, {result['images']:,} images: ratio {result['headline_ratio']}\n"
                  f"(Ray start-up {result['ray_startup_seconds']}s, not counted)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "ingest.png", dpi=120)
