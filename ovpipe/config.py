@@ -391,8 +391,9 @@ class TrainSection(Section):
                                                       "reduce on CUDA, fp32 on CPU.")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.",
                                            json_schema_extra=NOT_HASHED)
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2"] = Field(
-        "auto", description="LLM attention (isolation path): flash varlen when available, else SDPA block mask.")
+    attn_implementation: Literal["auto", "per_sample", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="LLM attention (sample isolation): auto = flash varlen with flash-attn on CUDA, "
+        "else per_sample (one causal SDPA call per sample); sdpa = dense block-diagonal mask.")
     run_dir: str = Field("", description="Pipeline train step: local or shared folder for checkpoints and "
                          "metrics when the pipeline's output is on object storage (a subfolder per run id); "
                          "empty = the run's version folder (local outputs only).", json_schema_extra=NOT_HASHED)

@@ -62,19 +62,13 @@ def build(cfg: Config):
         raise ValueError(f"stage {t.stage} starts from the previous stage: set train.init_from to its run folder")
     if t.init_from:
         export = Path(t.init_from) / "export"
-        return load_exported(export if export.exists() else t.init_from, _attn(t.attn_implementation))
+        return load_exported(export if export.exists() else t.init_from, t.attn_implementation)
     if t.llm_path:
         return build_model(tiny_vision_config() if not t.vision_checkpoint else _rice_vit_config(),
                            llm_path=t.llm_path, vision_checkpoint=t.vision_checkpoint or None,
                            seed=cfg.run.seed, attn_implementation=t.attn_implementation)
     llm = tiny_llm_config(seed_hidden=t.tiny_hidden, layers=t.tiny_layers)
     return build_model(tiny_vision_config(), llm, seed=cfg.run.seed, attn_implementation=t.attn_implementation)
-
-
-def _attn(impl: str) -> str:
-    from trainer.attention import flash_attn_available
-
-    return ("flash_attention_2" if flash_attn_available() else "sdpa") if impl == "auto" else impl
 
 
 def _rice_vit_config():
