@@ -103,7 +103,7 @@ STEPS: list[Step] = [
     Step("assign", "embed", SHARED, _assign),
     Step("balance", "assign", VERSION, _balance, report="_report"),
     Step("caption", "balance", VERSION, _caption),
-    Step("pack", "caption", VERSION, _pack, report="_report"),
+    Step("pack", "caption", VERSION, _pack, report="pack_stats.png"),
     Step("train", "pack", VERSION, _train, report="2/loss.png"),
 ]
 
