@@ -28,6 +28,10 @@ def demo_config(cfg: Config) -> Config:
         # a tiny random embedding model gives many images the same top-3 concepts; naming all 5
         # keeps more pseudo-captions distinct, so fewer demo samples end as duplicate captions
         cfg = cfg.model_copy(update={"caption": c.model_copy(update={"concepts_top_k": 5})})
+    p = cfg.pack
+    if p.buckets == 16:  # the production default: with the demo's ~90 captions, 16 buckets would
+        # leave every pack nearly empty; 2 buckets fill about two 8K packs
+        cfg = cfg.model_copy(update={"pack": p.model_copy(update={"buckets": 2})})
     return cfg
 
 
