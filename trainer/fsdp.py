@@ -28,14 +28,16 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group torchrun (or Ray Train) set up the environment for; a plain
     ``python -m trainer.train`` runs as a group of one. NCCL on CUDA, gloo on CPU."""
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+            dist.init_process_group(backend, timeout=timeout)  # torchrun / Ray Train set these
+        else:
+            # A plain process: a group of one on a fresh port. The environment is left alone, so
+            # a port chosen here never leaks into later runs or child processes (which would then
+            # find it taken).
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
