@@ -22,7 +22,6 @@ shared area or the run's version, and the function that runs it.
 
 from __future__ import annotations
 
-import json
 import posixpath
 import time
 from dataclasses import dataclass
@@ -112,15 +111,10 @@ def step_names() -> list[str]:
     return [s.name for s in STEPS]
 
 
-def default_run_id(input: Location, cfg: Config) -> str:
+def default_run_id(inputs: list[Location], cfg: Config) -> str:
     """A hash of the config and of the input listing (names and sizes): the same inputs and
     config give the same id, so a resubmitted run finishes its own version."""
-    from curation.readers import list_ingest_shards
-
-    listing = []
-    for shard in list_ingest_shards(input, cfg.ingest):
-        info = shard.fs.get_file_info(shard.path)
-        listing.append([shard.path, info.size])
+    listing = [[shard.path, shard.fs.get_file_info(shard.path).size] for shard in inputs]
     return "r-" + config_hash({"config": hashed_config(cfg), "inputs": listing})[:12]
 
 
@@ -142,7 +136,8 @@ def run_pipeline(input: str, output: str, cfg: Config, *, run_id: str | None = N
     start = time.monotonic()
     input_root = Location.parse(input, filesystem)
     out = Location.parse(output, filesystem)
-    run_id = run_id or default_run_id(input_root, cfg)
+    inputs = _input_listing(input_root, cfg)
+    run_id = run_id or default_run_id(inputs, cfg)
     wanted = steps or step_names()
     unknown = sorted(set(wanted) - set(step_names()))
     if unknown:
@@ -166,7 +161,7 @@ def run_pipeline(input: str, output: str, cfg: Config, *, run_id: str | None = N
         "config_hash": config_hash(hashed_config(cfg)),
         "input": input_root.uri(),
         "output": out.uri(),
-        "inputs": [loc.uri() for loc in _input_listing(input_root, cfg)],
+        "inputs": [loc.uri() for loc in inputs],
         "stages": records,
         "seconds": round(time.monotonic() - start, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

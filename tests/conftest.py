@@ -45,3 +45,26 @@ def subprocess_env(ray_address: str | None = None, **extra: str) -> dict[str, st
 
 def python_exe() -> str:
     return sys.executable
+
+
+def committed_shards(manifest: Path) -> set[str]:
+    """Names of the shards a stage output's manifest has committed."""
+    return {p.stem for p in manifest.glob("*.json") if not p.name.startswith("_")} if manifest.exists() else set()
+
+
+def sigkill_after_commits(cmd: list[str], env: dict[str, str], manifest: Path, at_least: int,
+                          timeout_s: float = 120) -> set[str]:
+    """Start a driver in its own process group, SIGKILL the group once its stage has committed
+    `at_least` shards, and return the shards committed when it died."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and len(committed_shards(manifest)) < at_least:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return committed_shards(manifest)

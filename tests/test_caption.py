@@ -1,10 +1,7 @@
 """The caption stage end to end: a real chat-completions server on 127.0.0.1 (latency, errors,
 timeouts, malformed and oversized replies, death and return), real Parquet, a real local Ray."""
 
-import os
 import re
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -28,7 +25,7 @@ from ovpipe.ledger import read_ledger
 from ovpipe.shards import Location
 from ovpipe.stage import OutputConflict, run_stage
 from ovpipe.testing.chat_server import ChatServer, default_reply
-from tests.conftest import python_exe, subprocess_env
+from tests.conftest import python_exe, sigkill_after_commits, subprocess_env
 from tests.test_caption_filter import LONG_EN, LONG_ZH
 
 FAST_RETRIES = ["caption.backoff_base_s=0.02", "caption.backoff_max_s=0.2"]
@@ -238,19 +235,8 @@ def test_sigkill_mid_stage_then_resume_recaptions_nothing_finished(ray_address, 
         cmd = [python_exe(), "-m", "ray_jobs.caption", "--input", str(ingested), "--output", str(out),
                "--workers", "1", "--quiet"] + [a for o in overrides for a in ("--set", o)]
         env = subprocess_env(ray_address, OVPIPE_FAULT_SHARD_DELAY_S="0.4")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
         manifest = out / "_captions" / "_manifest"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            done = [p for p in manifest.glob("*.json") if not p.name.startswith("_")] if manifest.exists() else []
-            if len(done) >= 3:
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        committed = {p.stem for p in manifest.glob("*.json") if not p.name.startswith("_")}
+        committed = sigkill_after_commits(cmd, env, manifest, at_least=3)
         assert 3 <= len(committed) < 10, "the kill must land mid-stage"
         time.sleep(1.0)  # let Ray reap the dead driver's workers
         server.reset_stats()

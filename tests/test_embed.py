@@ -3,8 +3,6 @@
 import io
 import os
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from ovpipe.config import load_config
 from ovpipe.images import fetch_image_bytes
 from ovpipe.shards import read_manifest_entries, Location
 from ovpipe.stage import run_stage
-from tests.conftest import python_exe, subprocess_env
+from tests.conftest import python_exe, sigkill_after_commits, subprocess_env
 
 TINY = ["embed.model=ovpipe-tiny-clip", "embed.pretrained=random", "embed.batch_size=8"]
 SPEC = ModelSpec("ovpipe-tiny-clip", "random", 0, "auto")
@@ -203,18 +201,8 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(embedded, embed_input, r
     cmd = [python_exe(), "-m", "ray_jobs.embed", "--input", str(embed_input), "--output", str(out),
            "--model", "ovpipe-tiny-clip", "--pretrained", "random", "--batch-size", "8", "--quiet"]
     env = subprocess_env(ray_address, OVPIPE_FAULT_SHARD_DELAY_S="1.5")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     manifest = out / "_manifest"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        done = [p for p in manifest.glob("*.json") if not p.name.startswith("_")] if manifest.exists() else []
-        if len(done) >= 2:
-            break
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    committed = len([p for p in manifest.glob("*.json") if not p.name.startswith("_")])
+    committed = len(sigkill_after_commits(cmd, env, manifest, at_least=2, timeout_s=300))
     assert 2 <= committed < 12, "the kill must land mid-stage"
     time.sleep(1.0)
     resumed = run_stage(_stage(), str(embed_input), str(out), load_config(overrides=TINY), quiet=True)

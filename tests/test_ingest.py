@@ -1,8 +1,6 @@
 """Ingest of Parquet image bytes through the real stage runner on a local Ray cluster."""
 
 import io
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -15,9 +13,9 @@ from PIL import Image
 from curation.ingest import INGEST_SCHEMA, IngestStage
 from ovpipe.config import load_config
 from ovpipe.images import BadImage, fetch_image_bytes, probe_image
-from ovpipe.shards import Location, list_input_shards, read_table
+from ovpipe.shards import Location, read_table
 from ovpipe.stage import OutputConflict, run_stage
-from tests.conftest import python_exe, subprocess_env
+from tests.conftest import python_exe, sigkill_after_commits, subprocess_env
 
 
 def data_files(out: Path) -> dict[str, bytes]:
@@ -87,19 +85,8 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(ray_address, demo_raw, t
     cmd = [python_exe(), "-m", "ray_jobs.ingest", "--input", str(demo_raw), "--output", str(out),
            "--workers", "1"]
     env = subprocess_env(ray_address, OVPIPE_FAULT_SHARD_DELAY_S="0.4")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
     manifest = out / "_manifest"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = [p for p in manifest.glob("*.json") if not p.name.startswith("_")] if manifest.exists() else []
-        if len(done) >= 3:
-            break
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    committed = len([p for p in manifest.glob("*.json") if not p.name.startswith("_")])
+    committed = len(sigkill_after_commits(cmd, env, manifest, at_least=3))
     assert 3 <= committed < 10, "the kill must land mid-stage"
     assert not (manifest / "_summary.json").exists()
     time.sleep(1.0)  # let Ray reap the dead driver's workers
