@@ -572,18 +572,12 @@ def map_shards(fn: Callable, shards: list[Location], args: tuple, cfg: Config, l
         return
     import ray
 
-    from ovpipe.raycluster import ensure_ray
+    from ovpipe.raycluster import ensure_ray, spread_tasks
 
     ensure_ray(cfg)
-    workers = cfg.run.workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
-    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
     refs = [a if not isinstance(a, np.ndarray) or a.nbytes < 1 << 16 else ray.put(a) for a in args]
-    queue, in_flight = list(shards), []
-    while queue or in_flight:
-        while queue and len(in_flight) < workers:
-            in_flight.append(remote.remote(queue.pop(0), *refs))
-        ready, in_flight = ray.wait(in_flight, num_returns=1)
-        yield ray.get(ready[0])
+    for result in spread_tasks(fn, [(s, *refs) for s in shards], cfg):
+        yield result
         progress.update(1)
 
 

@@ -346,20 +346,13 @@ def _execute_on_ray(stage: Stage, pending: list[ShardTask], cfg: Config, progres
     """At most `run.workers` shards in flight; results are recorded as they finish."""
     import ray
 
-    from ovpipe.raycluster import ensure_ray
+    from ovpipe.raycluster import ensure_ray, spread_tasks
 
     ensure_ray(cfg)
-    workers = cfg.run.workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
-    remote = ray.remote(num_cpus=1, max_retries=3)(_run_shard_safely)
-    queue = list(pending)
-    in_flight: list = []
     failed: dict[str, str] = {}
     stage_ref = ray.put(stage)
-    while queue or in_flight:
-        while queue and len(in_flight) < workers:
-            in_flight.append(remote.remote(stage_ref, queue.pop(0)))
-        ready, in_flight = ray.wait(in_flight, num_returns=1)
-        _record(stage, ray.get(ready[0]), failed, progress)
+    for result in spread_tasks(_run_shard_safely, [(stage_ref, task) for task in pending], cfg):
+        _record(stage, result, failed, progress)
     return failed
 
 

@@ -620,19 +620,11 @@ class PackRunner:
             for b in todo:
                 pack_bucket(b, payloads, out, cfg, digest)
             return
-        import ray
+        from ovpipe.raycluster import spread_tasks
 
-        from ovpipe.raycluster import ensure_ray
-
-        ensure_ray(cfg)
-        workers = cfg.run.workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
-        remote = ray.remote(num_cpus=1, max_retries=3)(pack_bucket)
-        queue, in_flight = list(todo), []
-        while queue or in_flight:
-            while queue and len(in_flight) < workers:
-                in_flight.append(remote.remote(queue.pop(0), payloads, out, cfg, digest))
-            ready, in_flight = ray.wait(in_flight, num_returns=1)
-            ray.get(ready[0])  # a failed bucket raises here; committed buckets stay committed
+        # a failed bucket raises here; committed buckets stay committed
+        for _ in spread_tasks(pack_bucket, [(b, payloads, out, cfg, digest) for b in todo], cfg):
+            pass
 
 
 def _join(output: str, name: str) -> str:
