@@ -68,3 +68,20 @@ def sigkill_after_commits(cmd: list[str], env: dict[str, str], manifest: Path, a
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return committed_shards(manifest)
+
+
+@pytest.fixture()
+def process_group():
+    """Code under test joins (or starts) a one-process gloo group in this process; leave none
+    behind, and the distributed environment variables as they were."""
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

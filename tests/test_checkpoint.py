@@ -6,7 +6,6 @@ Checkpointer round-trips model, optimizer, scheduler, data position and RNG in o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -93,20 +92,11 @@ def test_kill_resume_and_world_size_change(packs, init_export, tmp_path):
 
 
 @pytest.fixture()
-def one_process_group():
-    import torch.distributed as dist
-
+def one_process_group(process_group):
     from trainer import fsdp
 
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     fsdp.init_distributed()
     yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_checkpointer_round_trip(packs, tmp_path, one_process_group):

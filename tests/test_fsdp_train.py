@@ -116,22 +116,6 @@ def test_two_ranks_match_one_process_and_loss_decreases(packs, tmp_path):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
-@pytest.fixture()
-def process_group():
-    """train() joins (or starts) a one-process gloo group in this process; leave none behind."""
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def test_stage_chain_1_15_2(tok, tmp_path, process_group):
     """Stage 1 -> 1.5 -> 2 in one test, each from the previous export; stage 2 mixes two datasets."""
     from safetensors.torch import load_file
