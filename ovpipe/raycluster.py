@@ -18,7 +18,11 @@ def ensure_ray(cfg: Config) -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        # The fault-injection hooks (ovpipe.stage) must reach the workers of a cluster this driver
+        # joins, not just the driver; they are set only by tests.
+        faults = {k: v for k, v in os.environ.items() if k.startswith("OVPIPE_FAULT_")}
+        extra = {"runtime_env": {"env_vars": faults}} if faults else {}
+        ray.init(address=address, logging_level=logging.WARNING, **extra)
     else:
         ray.init(
             num_cpus=cfg.ray.num_cpus or None,
