@@ -29,6 +29,7 @@ LLM: transformers' ``Qwen3ForCausalLM``; image features replace the ``<|image_pa
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -306,6 +307,10 @@ def build_model(vision_cfg: VisionConfig, llm_config=None, llm_path: str | Path 
         attn_implementation = attention.PER_SAMPLE_IMPL
     torch.manual_seed(seed)
     if llm_path is not None:
+        if not sys.stderr.isatty():  # a bar redrawn into a log file is noise; our own lines report progress
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         llm = Qwen3ForCausalLM.from_pretrained(str(llm_path), attn_implementation=attn_implementation,
                                                dtype=torch.float32)
     elif llm_config is not None:
