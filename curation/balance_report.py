@@ -140,11 +140,11 @@ def _thumbnail(data: bytes | None):
     """A small RGB tile; None for bytes that are missing or not a safe image."""
     from PIL import Image
 
-    from ovpipe.images import BadImage, probe_image
+    from ovpipe.images import BadImage, open_image, probe_image
 
     try:
         probe_image(data, 32 * 1024 * 1024, 89_478_485)
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         img.draft("RGB", (THUMB, THUMB))
         img = img.convert("RGB")
         img.thumbnail((THUMB, THUMB))

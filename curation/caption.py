@@ -67,7 +67,7 @@ from curation.caption_filter import (
     winner_rank,
 )
 from ovpipe.config import CaptionSection, Config
-from ovpipe.images import fetch_image_bytes
+from ovpipe.images import fetch_image_bytes, open_image
 from ovpipe.ledger import Ledger
 from ovpipe.shards import (
     MANIFEST_DIR,
@@ -176,7 +176,7 @@ def concept_caption(names: list[str], language: str) -> str:
 def image_data_url(data: bytes, max_pixels: int) -> str:
     """A data URL of the image, downscaled and re-encoded as JPEG only when over the budget
     (or in a format servers may not take): most images are sent as they are, base64 only."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         w, h = img.size
         fmt = (img.format or "").upper()
         if w * h <= max_pixels and fmt in ("JPEG", "PNG", "WEBP"):
@@ -354,11 +354,14 @@ class CaptionStage:
         if c.backend == "concepts":
             answers = self._concept_answers(table, languages, c)
         else:
-            images = fetch_image_bytes(table.select(list(IMAGE_REF)))
+            problems: dict[int, tuple[str, str]] = {}
+            images = fetch_image_bytes(table.select(["sample_id", *IMAGE_REF]), problems=problems)
             if c.backend == "openai":
                 answers, _retries = caption_openai(ids, images, languages, c, seed)
             else:
                 answers = caption_vllm(ids, images, languages, c, seed)
+            for i, (reason, detail) in problems.items():  # rows sent no request: say why
+                answers[i] = Answer(None, ("image_unavailable", f"{reason}: {detail}"[:300]))
         if c.min_image_text_similarity > -1:
             answers = similarity_filter(table, languages, answers, task.config)
         return self._output(task, table, ids, languages, answers)

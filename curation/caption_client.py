@@ -151,7 +151,7 @@ def _parse(raw: bytes) -> tuple[str, str]:
         choice = data["choices"][0]
         text = choice["message"].get("content") or ""
         finish = choice.get("finish_reason") or ""
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:  # deep nesting
         raise _Retryable(f"malformed response ({type(e).__name__}): {raw[:120]!r}") from None
     if not isinstance(text, str):
         raise _Retryable(f"malformed response: content is {type(text).__name__}")

@@ -25,7 +25,6 @@ shape, an image's embedding on CPU is bit-identical whatever its batch-mates or 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ import xxhash
 from PIL import Image, ImageOps
 
 from ovpipe.config import Config, EmbedSection
-from ovpipe.images import BadImage, fetch_image_bytes, probe_image
+from ovpipe.images import BadImage, fetch_image_bytes, open_image, probe_image
 from ovpipe.ledger import Ledger
 from ovpipe.shards import read_table
 from ovpipe.stage import ShardOutput, ShardTask, commit_shard
@@ -252,7 +251,7 @@ def decode_image(data: bytes | None, pil_transform: Callable, max_pixels: int) -
         raise BadImage("image_not_found", "the image reference could not be read")
     probe_image(data, _MAX_ENCODED_BYTES, max_pixels)  # bombs are refused before any decode
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             img = ImageOps.exif_transpose(img)  # as displayed, like ingest's width/height
             return np.asarray(pil_transform(img.convert("RGB")), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -397,7 +396,8 @@ class DecodeShards:
         blank = np.zeros((1, *self.hw, 3), np.uint8)
         try:
             refs = read_table(self.tasks[shard_index].input, columns=REF_COLUMNS)
-            images = fetch_image_bytes(refs)
+            problems: dict[int, tuple[str, str]] = {}
+            images = fetch_image_bytes(refs, problems=problems)
         except Exception as e:  # the whole shard is unreadable: report it, do not kill the pipeline
             yield _batch(shard_index, 0, [_SHARD_MARKER], blank, ["shard_failed"], [f"{type(e).__name__}: {e}"])
             return
@@ -411,6 +411,8 @@ class DecodeShards:
             reasons, details = [], []
             for j, r in enumerate(rows):
                 try:
+                    if r in problems:
+                        raise BadImage(*problems[r])
                     pixels[j] = decode_image(images[r], self.pil, self.max_pixels)
                     reasons.append(""), details.append("")
                 except BadImage as bad:

@@ -63,6 +63,7 @@ INGEST_SCHEMA = pa.schema(
 
 # One occurrence of an image in the dedup shuffle. prio 0 = already kept by an earlier run.
 _OCCURRENCE = np.dtype([("hash", "<u8"), ("prio", "u1"), ("shard", "<i4"), ("row", "<i8")])
+_UNHASHED = -1  # the row of the one marker occurrence of a shard the dedup pass could not read
 
 
 def default_source(task: ShardTask) -> str:
@@ -81,6 +82,7 @@ class IngestStage:
 
     def __init__(self) -> None:
         self._duplicates: dict[str, dict[int, str]] = {}  # shard name -> {row: pointer to winner}
+        self._unhashed: set[str] = set()  # shards the dedup pass could not read
 
     def list_shards(self, input_root: Location, cfg: Config) -> list[Location]:
         return list_ingest_shards(input_root, cfg.ingest)
@@ -91,7 +93,7 @@ class IngestStage:
                 output_root: Location) -> dict[str, Any]:
         """Find every duplicate occurrence before any shard runs. Returns no digest: adding
         input shards must not invalidate the output (incremental runs)."""
-        self._duplicates = {}
+        self._duplicates, self._unhashed = {}, set()
         if not cfg.ingest.dedup:
             return {}
         start = time.monotonic()
@@ -99,7 +101,10 @@ class IngestStage:
         committed = self._committed_outputs(cfg, output_root, set(names))
         jobs = [(committed.get(n, s), n in committed, i) for i, (s, n) in enumerate(zip(shards, names))]
         losers = _find_duplicates(jobs, cfg)
+        self._unhashed = {names[shard] for shard, row, _, _ in losers.tolist() if row == _UNHASHED}
         for shard, row, w_shard, w_row in losers.tolist():
+            if row == _UNHASHED:
+                continue
             # The same text whether the winner was committed by this run or an earlier one, so
             # a killed-and-resumed run writes exactly what an uninterrupted run writes.
             detail = f"same bytes as the sample kept at {shards[w_shard].uri()} row {w_row}"
@@ -151,6 +156,9 @@ class IngestStage:
             }
             for k, v in values.items():
                 rows[k].append(v)
+        if task.shard in self._unhashed:  # it reads now, but its duplicates were never looked for
+            raise RuntimeError(f"{uri} could not be read during the dedup pass, so its duplicates are "
+                               "unknown; the shard is left uncommitted and the next run retries it")
         return ShardOutput(pa.Table.from_pydict(rows, schema=INGEST_SCHEMA), ledger, count)
 
 
@@ -171,8 +179,8 @@ def _hash_occurrences(shard: Location, committed: bool, index: int, cfg: Config,
             if found is None:  # tars, folders, path columns: the general reader
                 found = [(xxhash.xxh3_64_intdigest(r.data), r.row) for r in read_shard(shard, cfg.ingest)
                          if r.error is None and r.data]
-        except Exception:  # an unreadable shard has no occurrences; process() reports its error
-            found = []
+        except Exception:  # unreadable now: one marker row (row -1) instead; process() fails the shard
+            found = [(0, _UNHASHED)]
         occ = np.zeros(len(found), _OCCURRENCE)
         if found:
             occ["hash"], occ["row"] = zip(*found)
@@ -207,8 +215,16 @@ def _parquet_image_hashes(shard: Location, cfg: Config) -> list[tuple[int, int]]
 
 def _losers(*parts: np.ndarray) -> np.ndarray:
     """Reduce: per hash, the winner is the first by (prio, shard, row); return the other new
-    occurrences as rows of (shard, row, winner shard, winner row)."""
+    occurrences as rows of (shard, row, winner shard, winner row), and shards whose images could
+    not be read as (shard, -1, -1, -1)."""
     occ = np.concatenate(parts) if parts else np.zeros(0, _OCCURRENCE)
+    unhashed = occ["shard"][occ["row"] == _UNHASHED]
+    occ = occ[occ["row"] != _UNHASHED]
+    marks = np.stack([unhashed] + [np.full(len(unhashed), -1)] * 3, axis=1).astype(np.int64)
+    return np.concatenate([marks, _winners_and_losers(occ)])
+
+
+def _winners_and_losers(occ: np.ndarray) -> np.ndarray:
     occ = occ[np.lexsort((occ["row"], occ["shard"], occ["prio"], occ["hash"]))]
     if len(occ) == 0:
         return np.zeros((0, 4), np.int64)

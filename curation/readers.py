@@ -112,6 +112,22 @@ def _first_present(candidates: list[str], names: list[str]) -> str | None:
     return next((c for c in candidates if c in names), None)
 
 
+def _check_image_column_type(schema: pa.Schema, name: str, holds_bytes: bool, uri: str) -> None:
+    """Image bytes: binary, or a struct with a binary `bytes` field (Hugging Face Image); paths:
+    string, or a struct with a string `path` field. Anything else is a wrong column choice."""
+    t = schema.field(name).type
+    want, field = (("binary", "bytes") if holds_bytes else ("string", "path"))
+    ok = pa.types.is_binary(t) or pa.types.is_large_binary(t) if holds_bytes else \
+        pa.types.is_string(t) or pa.types.is_large_string(t)
+    if pa.types.is_struct(t) and t.get_field_index(field) >= 0:
+        return _check_image_column_type(pa.schema([t.field(field).with_name(name)]), name, holds_bytes, uri)
+    if not ok:
+        setting = "ingest.image_columns" if holds_bytes else "ingest.path_columns"
+        raise ValueError(f"input shard {uri!r}: column {name!r} is {t}, not {want} (or a struct with a "
+                         f"{want} {field!r} field); point {setting} at the column that holds the image "
+                         f"{'bytes' if holds_bytes else 'paths'}.")
+
+
 def read_parquet(shard: Location, cfg: IngestSection) -> Iterator[Record]:
     uri = shard.uri()
     with shard.fs.open_input_file(shard.path) as f:
@@ -125,6 +141,7 @@ def read_parquet(shard: Location, cfg: IngestSection) -> Iterator[Record]:
                 f"the image-path columns {cfg.path_columns}; its columns are {names}. Set "
                 "ingest.image_columns or ingest.path_columns."
             )
+        _check_image_column_type(pf.schema_arrow, image_col or path_col, bool(image_col), uri)
         optional = {
             "text": _first_present(cfg.text_columns, names),
             "key": _first_present(cfg.key_columns, names),
@@ -166,7 +183,11 @@ def _read_path_into(rec: Record, path, fs: pafs.FileSystem, folder: str, max_byt
         rec.error = ("missing_image", "the image path is empty")
         return
     path = str(path)
-    target = Location.parse(path) if "://" in path else Location(fs, posixpath.join(folder, path))
+    try:
+        target = Location.parse(path) if "://" in path else Location(fs, posixpath.join(folder, path))
+    except (ValueError, OSError) as e:  # an unknown scheme, a bucket we cannot reach
+        rec.image_uri, rec.error = path[:1024], ("unreadable_path", f"{path[:300]!r}: {type(e).__name__}: {e}"[:500])
+        return
     rec.image_uri = target.uri()
     rec.data, rec.error = read_bounded(target, max_bytes)
 
@@ -215,15 +236,24 @@ def read_webdataset_tar(shard: Location, cfg: IngestSection) -> Iterator[Record]
             if sample is not None:
                 yield _tar_record(sample, row, uri, cfg)
                 row += 1
-            # Every tar writer ends the archive with two zero blocks; without them the file
-            # was cut at a member boundary, and samples after it are lost.
-            if f.size() - tar.offset < 2 * tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("the archive ends without its end-of-archive blocks")
+            _check_end_of_archive(f, tar.offset)
     except (tarfile.TarError, OSError, EOFError) as e:
         # A truncated or corrupt tar: what was read is kept; the break itself is one ledger row.
         yield Record(row=row, locator=f"{uri}#member-index={row}",
                      error=("unreadable_shard", f"tar cannot be read past sample {row}: {type(e).__name__}: {e}"),
                      image_uri=uri)
+
+
+def _check_end_of_archive(f, offset: int) -> None:
+    """tarfile stops quietly at the first header it cannot parse; every tar writer ends the
+    archive with two zero blocks, so anything else where iteration stopped means samples after
+    it were lost: the file was cut at a member boundary, or a header is corrupt."""
+    f.seek(offset)
+    end = f.read(2 * tarfile.BLOCKSIZE)
+    if len(end) < 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("the archive ends without its end-of-archive blocks")
+    if end.count(0) != len(end):
+        raise tarfile.ReadError(f"unreadable member header at byte {offset:,}")
 
 
 def _read_small_members(sample: dict, member: tarfile.TarInfo, ext: str, tar: tarfile.TarFile,
@@ -235,13 +265,13 @@ def _read_small_members(sample: dict, member: tarfile.TarInfo, ext: str, tar: ta
                                                    f"{member.size:,} bytes > limit {cfg.max_image_bytes:,}"))
         else:
             sample["image"] = (member.name, tar.extractfile(member).read(), None)
-    elif ext == "txt" and member.size <= 4 * cfg.max_text_bytes:
-        sample["txt"] = tar.extractfile(member).read().decode("utf-8", "replace")
+    elif ext == "txt":  # an overlong caption is cut (by _clip_text), never read whole
+        sample["txt"] = tar.extractfile(member).read(4 * cfg.max_text_bytes).decode("utf-8", "replace")
     elif ext == "json" and member.size <= 1024 * 1024:
         try:
             meta = json.loads(tar.extractfile(member).read())
             sample["json"] = meta if isinstance(meta, dict) else {}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             sample["json"] = {}
 
 
@@ -282,9 +312,10 @@ def read_image_folder(folder: Location, cfg: IngestSection) -> Iterator[Record]:
                      key=posixpath.splitext(posixpath.basename(info.path))[0])
         rec.data, rec.error = read_bounded(target, cfg.max_image_bytes)
         sidecar = by_name.get(rec.key + ".txt")
-        if sidecar is not None and sidecar.size is not None and sidecar.size <= 4 * cfg.max_text_bytes:
+        if sidecar is not None:
             try:
-                raw = Location(folder.fs, sidecar.path).read_bytes()
+                with folder.fs.open_input_stream(sidecar.path) as f:
+                    raw = f.read(4 * cfg.max_text_bytes)  # an overlong caption is cut, never read whole
                 rec.text = _clip_text(raw.decode("utf-8", "replace").strip(), cfg.max_text_bytes)
             except OSError:
                 pass  # a missing caption is not a reason to lose the image

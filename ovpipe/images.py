@@ -29,9 +29,10 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import numpy as np
+import xxhash
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ovpipe.shards import Location
@@ -49,6 +50,16 @@ _EXIF_ORIENTATION_TAG = 0x0112
 # Leading bytes of the formats we expect; a file that starts like one but will not open is
 # corrupt rather than "not an image".
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+# The formats ovpipe opens. Pillow knows 40+ (EPS runs Ghostscript, others are rarely exercised
+# parsers); untrusted bytes only ever reach these. (JPEG's opener also yields MPO files.)
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL image from untrusted bytes, restricted to IMAGE_FORMATS (lazy: header only)."""
+    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
 
 
 def _looks_like_image(data: bytes) -> bool:
@@ -85,14 +96,26 @@ def _structurally_complete(data: bytes, fmt: str) -> bool | None:
     return None
 
 
-def _decodes(img: Image.Image) -> str | None:
-    """Full decode of every frame; the error text, or None if it decodes."""
+def _decodes(img: Image.Image, max_pixels: int) -> str | None:
+    """Full decode of the frames (pages) within a budget of max_pixels decoded in all; the error
+    text, or None if they decode. Frames past the budget are not decoded (later stages use the
+    first frame only); a single frame larger than max_pixels is a bomb (BadImage)."""
+    budget = max_pixels
     try:
         for frame in range(getattr(img, "n_frames", 1)):
             img.seek(frame)
+            pixels = img.size[0] * img.size[1]
+            if pixels > max_pixels:
+                raise BadImage("too_many_pixels", f"frame {frame} is {img.size[0]}x{img.size[1]} = {pixels:,} px "
+                                                  f"> limit {max_pixels:,}")
+            if frame > 0 and pixels > budget:
+                break
             img.load()
+            budget -= pixels
         img.seek(0)
         return None
+    except BadImage:
+        raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ...
         return f"{type(e).__name__}: {e}"
 
@@ -108,13 +131,14 @@ def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: i
     if len(data) > max_bytes:
         raise BadImage("image_too_large", f"{len(data):,} bytes > limit {max_bytes:,}")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
     except Image.DecompressionBombError as e:
         raise BadImage("too_many_pixels", str(e)) from None
     except UnidentifiedImageError:
         if _looks_like_image(data):
             raise BadImage("corrupt_image", f"header of a {data[:4]!r}... file does not parse") from None
-        raise BadImage("not_an_image", f"no known image format in the first bytes {data[:8]!r}") from None
+        raise BadImage("not_an_image", f"not one of {', '.join(IMAGE_FORMATS)} "
+                                           f"(first bytes {data[:8]!r})") from None
     except Exception as e:  # PIL raises many types on garbage headers
         reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
         raise BadImage(reason, f"{type(e).__name__}: {e}") from None
@@ -134,7 +158,7 @@ def probe_image(data: bytes | None, max_bytes: int, max_pixels: int, min_side: i
             raise BadImage("too_small", f"{width}x{height} has a side under {min_side} px")
         fmt = img.format or "UNKNOWN"
         if verify == "decode" or not _structurally_complete(data, fmt):
-            error = _decodes(img)
+            error = _decodes(img, max_pixels)
             if error is not None:
                 truncated = "truncated" in error.lower() or "end of" in error.lower()
                 raise BadImage("truncated_image" if truncated else "corrupt_image", error)
@@ -158,15 +182,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def fetch_image_bytes(refs: pa.Table, filesystem=None) -> list[bytes | None]:
+# Bytes read back by reference: no image ingest accepted is this large (ingest.max_image_bytes is
+# 32 MiB by default), so anything bigger was swapped in after ingest.
+MAX_FETCH_BYTES = 256 * 1024 * 1024
+
+
+def fetch_image_bytes(refs: pa.Table, filesystem=None, *, problems: dict[int, tuple[str, str]] | None = None,
+                      max_bytes: int = MAX_FETCH_BYTES) -> list[bytes | None]:
     """Image bytes for rows with image_uri / image_member / image_row, in row order.
 
     Rows that point into the same Parquet container are read with one column read per
-    container; a missing file or row yields None (callers ledger it)."""
+    container. A row comes back None when its file, row or member is gone (``image_not_found``),
+    is over max_bytes (``image_too_large``) or, when refs has ``sample_id`` (the xxh3-64 of the
+    bytes ingest saw), holds other bytes than ingest saw (``image_changed``); pass a dict as
+    ``problems`` to get {row: (reason, detail)} for those rows, for the ledger."""
     uris = refs.column("image_uri").to_pylist()
     members = refs.column("image_member").to_pylist()
     rows = refs.column("image_row").to_pylist()
     out: list[bytes | None] = [None] * len(uris)
+    found: dict[int, tuple[str, str]] = {}
     by_container: dict[tuple[str, str], list[int]] = defaultdict(list)
     by_tar: dict[str, list[int]] = defaultdict(list)
     for i, (uri, member, row) in enumerate(zip(uris, members, rows)):
@@ -175,43 +209,82 @@ def fetch_image_bytes(refs: pa.Table, filesystem=None) -> list[bytes | None]:
         elif member is not None:
             by_tar[uri].append(i)
         else:
-            out[i] = _read_file(uri, filesystem)
+            out[i] = _read_file(uri, filesystem, max_bytes, found, i)
     for uri, idxs in by_tar.items():
-        for i, data in zip(idxs, _read_tar_members(uri, [members[i] for i in idxs], filesystem)):
-            out[i] = data
+        for i, data in zip(idxs, _read_tar_members(uri, [members[i] for i in idxs], filesystem, max_bytes)):
+            if isinstance(data, BadImage):
+                found[i] = (data.reason, data.detail)
+            else:
+                out[i] = data
     for (uri, column), idxs in by_container.items():
         loc = Location.parse(uri, filesystem)
         try:
             table = pq.read_table(loc.path, filesystem=loc.fs, columns=[column])
-        except (OSError, pa.ArrowException):
+        except (OSError, pa.ArrowException) as e:
+            found.update({i: ("image_not_found", f"{uri}: {type(e).__name__}: {e}"[:300]) for i in idxs})
             continue
         col = table.column(column)
         if pa.types.is_struct(col.type):  # Hugging Face image struct {bytes, path}
             col = pa.chunked_array([c.field("bytes") for c in col.chunks])
         for i in idxs:
-            if 0 <= rows[i] < len(col):
-                out[i] = col[rows[i]].as_py()
+            value = col[rows[i]].as_py() if 0 <= rows[i] < len(col) else None
+            if not isinstance(value, bytes):
+                found[i] = ("image_not_found", f"{uri} has no image bytes in column {column!r} row {rows[i]}")
+            else:
+                out[i] = value
+    if "sample_id" in refs.column_names:
+        _check_identity(out, refs.column("sample_id").to_pylist(), found)
+    for i, data in enumerate(out):
+        if data is not None and len(data) > max_bytes:
+            out[i], found[i] = None, ("image_too_large", f"{len(data):,} bytes > limit {max_bytes:,}")
+    if problems is not None:
+        problems.update(found)
     return out
 
 
-def _read_tar_members(uri: str, names: list[str], filesystem) -> list[bytes | None]:
-    """Members of one tar by name (one open, random access through the tar index)."""
+def _check_identity(out: list[bytes | None], sample_ids: list[str | None], found: dict) -> None:
+    """A reference must still point at the bytes ingest hashed into sample_id."""
+    for i, (data, sid) in enumerate(zip(out, sample_ids)):
+        if data is not None and sid is not None and xxhash.xxh3_64_hexdigest(data) != sid:
+            out[i] = None
+            found[i] = ("image_changed", f"the referenced bytes hash to {xxhash.xxh3_64_hexdigest(data)}, "
+                                         f"not sample_id {sid}: the file was replaced after ingest")
+
+
+def _read_tar_members(uri: str, names: list[str], filesystem, max_bytes: int) -> list[bytes | BadImage]:
+    """Members of one tar by name (one open, random access through the tar index). Where a name
+    repeats, the first member is the one ingest read."""
     try:
         loc = Location.parse(uri, filesystem)
         with loc.fs.open_input_file(loc.path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            out = []
+            first: dict[str, tarfile.TarInfo] = {}
+            for member in tar.getmembers():
+                first.setdefault(member.name, member)
+            out: list[bytes | BadImage] = []
             for name in names:
-                try:
-                    out.append(tar.extractfile(name).read())
-                except (KeyError, AttributeError, tarfile.TarError, OSError):
-                    out.append(None)
+                member = first.get(name)
+                if member is None or not member.isfile():
+                    out.append(BadImage("image_not_found", f"{uri} has no member {name!r}"))
+                elif member.size > max_bytes:
+                    out.append(BadImage("image_too_large", f"{member.size:,} bytes > limit {max_bytes:,}"))
+                else:
+                    try:
+                        out.append(tar.extractfile(member).read())
+                    except (tarfile.TarError, OSError) as e:
+                        out.append(BadImage("image_not_found", f"{uri}#{name}: {type(e).__name__}: {e}"[:300]))
             return out
-    except (OSError, ValueError, tarfile.TarError):
-        return [None] * len(names)
+    except (OSError, ValueError, tarfile.TarError) as e:
+        return [BadImage("image_not_found", f"{uri}: {type(e).__name__}: {e}"[:300])] * len(names)
 
 
-def _read_file(uri: str, filesystem) -> bytes | None:
+def _read_file(uri: str, filesystem, max_bytes: int, found: dict, i: int) -> bytes | None:
     try:
-        return Location.parse(uri, filesystem).read_bytes()
-    except (OSError, ValueError):
+        loc = Location.parse(uri, filesystem)
+        size = loc.fs.get_file_info(loc.path).size
+        if size is not None and size > max_bytes:  # refused before reading it
+            found[i] = ("image_too_large", f"{uri}: {size:,} bytes > limit {max_bytes:,}")
+            return None
+        return loc.read_bytes()
+    except (OSError, ValueError) as e:
+        found[i] = ("image_not_found", f"{uri}: {type(e).__name__}: {e}"[:300])
         return None

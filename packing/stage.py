@@ -191,7 +191,9 @@ def _read_captions(pf: pq.ParquetFile, uri: str, source: str, cfg, filesystem) -
     row = 0
     for batch in pf.iter_batches(columns=cols, batch_size=256):
         table = pa.Table.from_batches([batch])
-        images = fetch_image_bytes(table.select(["image_uri", "image_member", "image_row"]))  # full URIs: not the input's filesystem
+        problems: dict[int, tuple[str, str]] = {}
+        images = fetch_image_bytes(table.select(["sample_id", "image_uri", "image_member", "image_row"]),
+                                   problems=problems)  # full URIs: not the input's filesystem
         d = table.to_pydict()
         for i in range(batch.num_rows):
             sid, caption = d["sample_id"][i], d["caption"][i]
@@ -205,7 +207,8 @@ def _read_captions(pf: pq.ParquetFile, uri: str, source: str, cfg, filesystem) -
             if not isinstance(caption, str) or not caption.strip():
                 rec["error"] = SampleError("empty_caption", "caption is null or blank")
             elif images[i] is None:
-                rec["error"] = SampleError("missing_image", f"cannot read image {d['image_uri'][i]!r}")
+                reason, detail = problems.get(i, ("image_not_found", f"cannot read image {d['image_uri'][i]!r}"))
+                rec["error"] = SampleError("missing_image", f"{reason}: {detail}"[:300])
             yield rec
             row += 1
 

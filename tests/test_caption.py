@@ -75,6 +75,7 @@ def test_every_sample_ends_captioned_or_ledgered_despite_a_misbehaving_server(in
     assert summary.dropped_rows == 0
     # every misbehaviour happened and was retried
     assert all(stats.answers[k] > 0 for k in ("error", "timeout", "malformed", "oversized")), stats.answers
+    assert stats.answers["malformed"] >= 2  # both kinds of malformed body, cut off and absurdly deep
     assert stats.requests == len(ids) + sum(stats.answers[k] for k in ("error", "timeout", "malformed", "oversized"))
     assert stats.max_in_flight <= 3  # the in-flight bound holds (one shard at a time)
     # the caption is in the language asked, and the columns are as documented

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 import torch
 from PIL import Image
 
@@ -65,6 +66,7 @@ def embed_input(ray_address, demo_raw, tmp_path_factory) -> Path:
     bad["image_uri"][2] = str(root / "nope.parquet")  # missing file
     bad["image_row"][3] = 999  # past the end of its container
     bad["image_uri"][4], bad["image_member"][4], bad["image_row"][4] = str(garbage), "image", 0
+    bad["sample_id"][4] = xxhash.xxh3_64_hexdigest(b"\xff\xd8\xff\xe0" + b"\x00" * 64)  # as ingest would name it
     pq.write_table(pa.Table.from_pydict(bad, schema=good.schema), src / "zz_bad.parquet")
     return src
 

@@ -289,3 +289,114 @@ def test_incremental_run_keeps_earlier_rows_and_ingests_only_new_shards(tmp_path
     details = ledger["detail"].to_pylist()
     assert "s/p1.parquet row 1" in details[0] and "s/p2.parquet row 0" in details[1]  # run 1's rows won
     assert second.input_rows == 10 == second.kept_rows + second.dropped_rows
+
+
+# ------------------------------------------------------------------- hostile inputs (review)
+
+
+def test_corrupt_member_header_mid_tar_is_ledgered_not_a_silent_end(tmp_path):
+    """tarfile stops quietly at a header it cannot parse; the samples after it must not vanish."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_tar(tmp_path / "t.tar", [(f"{i:05d}.jpg", jpeg(32, 32, i)) for i in range(6)])
+    data = bytearray((tmp_path / "t.tar").read_bytes())
+    data[data.find(b"00003.jpg")] ^= 0x01  # member 3's header checksum is now wrong
+    (raw / "t.tar").write_bytes(bytes(data))
+    summary = ingest(raw, tmp_path / "out")
+    kept, ledger = kept_and_ledger(tmp_path / "out")
+    assert kept["input_key"].to_pylist() == ["00000", "00001", "00002"]
+    assert ledger["reason"].to_pylist() == ["unreadable_shard"]
+    assert "header" in ledger["detail"][0].as_py()
+    assert summary.input_rows == kept.num_rows + ledger.num_rows
+
+
+def test_absurdly_nested_json_member_and_long_txt_do_not_fail_or_drop(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_tar(raw / "t.tar", [("a.jpg", jpeg(32, 32, 1)), ("a.json", b"[" * 200_000),
+                              ("b.jpg", jpeg(32, 32, 2)), ("b.txt", b"x" * 100_000)])
+    ingest(raw, tmp_path / "out", "ingest.max_text_bytes=1000")
+    kept, _ = kept_and_ledger(tmp_path / "out")
+    assert kept["input_key"].to_pylist() == ["a", "b"]
+    assert kept["text"].to_pylist() == [None, "x" * 1000]  # cut, not dropped
+
+
+def test_path_with_an_unknown_scheme_is_a_ledger_row(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "imgs").mkdir(parents=True)
+    (raw / "imgs" / "a.jpg").write_bytes(jpeg(32, 32, 1))
+    pq.write_table(pa.table({"image_path": ["imgs/a.jpg", "nosuch://bucket/1.jpg"]}), raw / "p.parquet")
+    summary = ingest(raw, tmp_path / "out")
+    kept, ledger = kept_and_ledger(tmp_path / "out")
+    assert kept.num_rows == 1 and ledger["reason"].to_pylist() == ["unreadable_path"]
+    assert "nosuch://" in ledger["detail"][0].as_py() and summary.input_rows == 2
+
+
+@pytest.mark.parametrize("column", [pa.array([1, 2]), pa.array([[b"x"], [b"y"]]),
+                                    pa.array([{"path": "a"}, {"path": "b"}])], ids=["int", "list", "struct"])
+def test_image_column_of_the_wrong_type_is_a_clear_error(tmp_path, column):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(pa.table({"image": column}), raw / "s.parquet")
+    with pytest.raises(RuntimeError, match=r"column 'image' is .*not binary.*ingest\.image_columns"):
+        ingest(raw, tmp_path / "out")
+
+
+def test_only_the_supported_formats_are_ever_parsed():
+    """EPS would hand the bytes to Ghostscript; PPM, ICO and the like are simply not accepted."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    for data in (eps, encode(rgb(16, 16, 1), "PPM"), encode(rgb(16, 16, 1), "ICO")):
+        with pytest.raises(BadImage) as bad:
+            probe_image(data, 1 << 20, 1 << 20)
+        assert bad.value.reason == "not_an_image" and "JPEG" in bad.value.detail
+
+
+def test_a_bomb_on_a_later_tiff_page_is_refused():
+    pages = [Image.new("L", (64, 64)), Image.new("L", (3000, 3000))]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:], compression="tiff_deflate")
+    with pytest.raises(BadImage) as bad:
+        probe_image(buf.getvalue(), 1 << 24, 1_000_000)
+    assert bad.value.reason == "too_many_pixels" and "frame 1" in bad.value.detail
+
+
+def test_fetch_by_reference_checks_identity_size_and_the_first_tar_member(tmp_path):
+    a, b, c = jpeg(32, 32, 1), jpeg(32, 32, 2), jpeg(32, 32, 3)
+    write_tar(tmp_path / "t.tar", [("a.jpg", a), ("b.jpg", b), ("a.jpg", c)])  # "a.jpg" twice
+    (tmp_path / "f.jpg").write_bytes(a)
+    refs = pa.table({"sample_id": [xxhash.xxh3_64_hexdigest(x) for x in (a, b, a, a)],
+                     "image_uri": [str(tmp_path / "t.tar")] * 2 + [str(tmp_path / "f.jpg"), str(tmp_path / "gone.jpg")],
+                     "image_member": ["a.jpg", "b.jpg", None, None], "image_row": pa.array([None] * 4, pa.int64())})
+    problems: dict = {}
+    assert fetch_image_bytes(refs, problems=problems) == [a, b, a, None]  # the first a.jpg, as ingest read it
+    assert problems[3][0] == "image_not_found" and set(problems) == {3}
+    (tmp_path / "f.jpg").write_bytes(c)  # replaced after ingest
+    problems = {}
+    assert fetch_image_bytes(refs, problems=problems)[2] is None
+    assert problems[2][0] == "image_changed"
+    problems = {}
+    assert fetch_image_bytes(refs.slice(0, 2), problems=problems, max_bytes=len(a) - 1)[0] is None
+    assert problems[0][0] == "image_too_large"
+
+
+def test_a_shard_unreadable_during_dedup_is_failed_then_retried_not_committed_unchecked(tmp_path, monkeypatch):
+    """If the dedup pass cannot read a shard (a transient error), its duplicates are unknown:
+    that shard must fail this run (and commit on the next), never commit with duplicates in."""
+    import curation.ingest as ingest_mod
+
+    raw = tmp_path / "raw"
+    _source_shards(raw, {"a/0.parquet": [jpeg(32, 32, 1)], "a/1.parquet": [jpeg(32, 32, 1), jpeg(32, 32, 2)]})
+    real = ingest_mod._parquet_image_hashes
+
+    def flaky(shard, cfg):
+        if shard.path.endswith("1.parquet"):
+            raise OSError("connection reset")
+        return real(shard, cfg)
+
+    monkeypatch.setattr(ingest_mod, "_parquet_image_hashes", flaky)
+    with pytest.raises(RuntimeError, match="could not be read during the dedup pass"):
+        ingest(raw, tmp_path / "out")
+    monkeypatch.setattr(ingest_mod, "_parquet_image_hashes", real)
+    ingest(raw, tmp_path / "out")
+    kept, ledger = kept_and_ledger(tmp_path / "out")
+    assert kept.num_rows == 2 and ledger["reason"].to_pylist() == ["duplicate"]

@@ -27,13 +27,14 @@ target).
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ovpipe.images import open_image
 
 from packing import tokenizer as ptok
 from trainer.attention import cu_seqlens_from_segments
@@ -43,6 +44,7 @@ from trainer.params import Stage, get_stage
 PATCH = 14
 MERGE = 2
 MAX_IMAGE_PIXELS = 4 * ptok.DEFAULT_MAX_PIXELS  # bound on untrusted image_hw (after resize)
+MAX_SOURCE_PIXELS = 89_478_485  # bound on the encoded image's own size (PIL's bomb-warning limit)
 
 
 class PackMismatchError(ValueError):
@@ -55,7 +57,9 @@ def decode_image(data: bytes, hw: Sequence[int]) -> torch.Tensor:
     if h <= 0 or w <= 0 or h % (PATCH * MERGE) or w % (PATCH * MERGE) or h * w > MAX_IMAGE_PIXELS:
         raise PackMismatchError(f"image_hw {h}x{w}: sides must be positive multiples of "
                                 f"{PATCH * MERGE} with at most {MAX_IMAGE_PIXELS} pixels")
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data) as im:
+        if im.size[0] * im.size[1] > MAX_SOURCE_PIXELS:  # packs come from ovpipe, but files can be swapped
+            raise PackMismatchError(f"source image {im.size[0]}x{im.size[1]} is over {MAX_SOURCE_PIXELS:,} pixels")
         im = im.convert("RGB")
         if im.size != (w, h):
             im = im.resize((w, h), Image.Resampling.BICUBIC)

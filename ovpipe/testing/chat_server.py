@@ -9,7 +9,7 @@ uses: ``POST /v1/chat/completions`` (JSON body with ``model``, ``messages`` hold
 * ``latency_s`` (+ uniform ``jitter_s``): how long each answer takes;
 * ``error_rate``: answer with one of ``error_statuses`` (500, 503, 429);
 * ``timeout_rate``: hang for ``hang_s`` (longer than the client's timeout);
-* ``malformed_rate``: HTTP 200 with a body that is not JSON;
+* ``malformed_rate``: HTTP 200 with a body that is not JSON (cut off, or nested 100,000 deep);
 * ``oversized_rate``: HTTP 200 with a body of ``oversized_bytes``;
 * ``die()`` / ``revive()``: close the listening socket and every open connection, then listen
   again on the same port (a server that dies mid-run and comes back).
@@ -236,8 +236,9 @@ class ChatServer:
                 with self._lock:
                     status = self._rng.choice(b.error_statuses)
                 return web.json_response({"error": {"message": "injected failure", "code": status}}, status=status)
-            if kind == "malformed":
-                return web.Response(text='{"choices": [{"message": {"content": "trunc', content_type="application/json")
+            if kind == "malformed":  # alternately cut-off JSON and JSON nested past any parser's depth
+                text = '{"choices": [{"message": {"content": "trunc' if self.stats.answers[kind] % 2 else "[" * 100_000
+                return web.Response(text=text, content_type="application/json")
             if kind == "oversized":
                 filler = "x" * b.oversized_bytes
                 return web.Response(text=json.dumps({"choices": [{"message": {"content": filler},
