@@ -24,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Marks a field that changes how a stage runs but never what it writes: it is left out of the
 # config hash, so changing it does not invalidate finished shards.
 NOT_HASHED = {"hashed": False}
+# Marks a field a stage's per-shard hash leaves out because a global pass hashes it itself (so
+# changing it redoes only that pass); it still changes the output, so run ids include it.
+GLOBAL_PASS = {"hashed": False, "changes_output": True}
 
 
 class Section(BaseModel):
@@ -155,13 +158,13 @@ class CaptionSection(Section):
                                             "than this share: caption_repetition.")
     dedup_exact: bool = Field(True, description="Global pass: drop exact duplicate captions "
                               "(after normalisation) as duplicate_caption. Hashed by the global pass only.",
-                              json_schema_extra=NOT_HASHED)
+                              json_schema_extra=GLOBAL_PASS)
     near_dup_threshold: float = Field(0.9, ge=0, le=1, description="Global pass: estimated Jaccard of "
                                       "3-shingles at or above which a caption is near_duplicate_caption; 0 = off. "
-                                      "Hashed by the global pass only.", json_schema_extra=NOT_HASHED)
+                                      "Hashed by the global pass only.", json_schema_extra=GLOBAL_PASS)
     minhash_perms: int = Field(64, ge=8, description="MinHash signature length.")
     minhash_bands: int = Field(16, ge=1, description="LSH bands (must divide minhash_perms). Hashed by "
-                               "the global pass only.", json_schema_extra=NOT_HASHED)
+                               "the global pass only.", json_schema_extra=GLOBAL_PASS)
     max_in_flight: int = Field(32, gt=0, description="Requests open at once per shard task.",
                                json_schema_extra=NOT_HASHED)
     request_timeout_s: float = Field(120.0, gt=0, description="Total timeout of one request.",
@@ -527,16 +530,18 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(out)
 
 
-def section_dump(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
-    """The named sections as plain dicts, without the fields marked NOT_HASHED."""
+def section_dump(cfg: Config, sections: tuple[str, ...], *, everything_that_changes_output: bool = False
+                 ) -> dict[str, Any]:
+    """The named sections as plain dicts, without the fields marked NOT_HASHED (with
+    everything_that_changes_output, GLOBAL_PASS fields are kept: run ids)."""
+    def kept(extra: dict) -> bool:
+        return extra.get("hashed", True) or (everything_that_changes_output and extra.get("changes_output", False))
+
     out = {}
     for name in sections:
         section = getattr(cfg, name)
-        out[name] = {
-            key: value
-            for key, value in section.model_dump().items()
-            if (type(section).model_fields[key].json_schema_extra or {}).get("hashed", True)
-        }
+        out[name] = {key: value for key, value in section.model_dump().items()
+                     if kept(type(section).model_fields[key].json_schema_extra or {})}
     return out
 
 
@@ -547,7 +552,7 @@ def config_hash(payload: dict[str, Any]) -> str:
 
 
 def describe_defaults() -> str:
-    """Every key with its default and description, for docs and `ovpipe config show --help-keys`."""
+    """Every key with its default and description, for docs and `ovpipe config show --describe`."""
     lines = []
     for name, field in Config.model_fields.items():
         model = field.annotation

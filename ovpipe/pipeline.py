@@ -85,15 +85,19 @@ def _train(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummar
 
     out = Location.parse(output)
     if not out.is_local:
-        if not cfg.train.run_dir:
-            raise ValueError(
-                f"the train step writes checkpoints to a local or shared filesystem, but this run's "
-                f"output is {output!r}; set train.run_dir (e.g. /shared/ovpipe-runs) or leave 'train' "
-                "out of pipeline.steps"
-            )
+        _check_train_run_dir(out, cfg)
         run_id = posixpath.basename(posixpath.dirname(out.path.rstrip("/")))
         output = posixpath.join(cfg.train.run_dir, run_id, "train")
     return run_training_step(input, output, cfg, overwrite=overwrite)
+
+
+def _check_train_run_dir(out: Location, cfg: Config) -> None:
+    if not cfg.train.run_dir:
+        raise ValueError(
+            f"the train step writes checkpoints to a local or shared filesystem, but this run's "
+            f"output is {out.uri()!r}; set train.run_dir (e.g. /shared/ovpipe-runs) or leave 'train' "
+            "out of pipeline.steps (--steps ingest,embed,assign,balance,caption,pack)"
+        )
 
 
 STEPS: list[Step] = [
@@ -120,7 +124,7 @@ def default_run_id(inputs: list[Location], cfg: Config) -> str:
 
 def hashed_config(cfg: Config) -> dict[str, Any]:
     """Every section, without the fields that change only how a run runs (workers, ...)."""
-    return section_dump(cfg, tuple(type(cfg).model_fields))
+    return section_dump(cfg, tuple(type(cfg).model_fields), everything_that_changes_output=True)
 
 
 def step_folder(out: Location, step: Step, run_id: str, versioned: bool) -> Location:
@@ -136,12 +140,14 @@ def run_pipeline(input: str, output: str, cfg: Config, *, run_id: str | None = N
     start = time.monotonic()
     input_root = Location.parse(input, filesystem)
     out = Location.parse(output, filesystem)
-    inputs = _input_listing(input_root, cfg)
-    run_id = run_id or default_run_id(inputs, cfg)
     wanted = steps or step_names()
     unknown = sorted(set(wanted) - set(step_names()))
     if unknown:
         raise ValueError(f"unknown pipeline steps {unknown}; the steps are {step_names()}")
+    if "train" in wanted and not out.is_local:
+        _check_train_run_dir(out, cfg)  # before hours of curation, not after
+    inputs = _input_listing(input_root, cfg)
+    run_id = run_id or default_run_id(inputs, cfg)
     folders = {"input": input_root}
     records = []
     for step in STEPS:

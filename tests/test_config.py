@@ -75,3 +75,24 @@ def test_cli_config_show_and_error_exit_code(tmp_path):
     bad = subprocess.run([python_exe(), "-m", "ovpipe.cli", "config", "show", "--set", "run.sed=9"],
                          capture_output=True, text=True, env=subprocess_env())
     assert bad.returncode == 2 and "unknown key 'run.sed'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_id_hash_keeps_global_pass_fields_that_stage_hashes_leave_out():
+    """caption's dedup settings are hashed by its global pass, not per shard; they still change
+    the output, so a pipeline run id (hashed_config) must change with them."""
+    from ovpipe.pipeline import hashed_config
+
+    base, changed = load_config(), load_config(overrides=["caption.near_dup_threshold=0.5"])
+    assert section_dump(base, ("caption",)) == section_dump(changed, ("caption",))
+    assert config_hash(hashed_config(base)) != config_hash(hashed_config(changed))
+    workers = load_config(overrides=["run.workers=7"])
+    assert config_hash(hashed_config(base)) == config_hash(hashed_config(workers))
+
+
+def test_object_store_output_without_train_run_dir_fails_before_any_step(tmp_path):
+    from ovpipe.pipeline import run_pipeline
+
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(ValueError, match=r"set train\.run_dir"):
+        run_pipeline(str(tmp_path / "raw"), "s3://bucket/curated?region=us-east-1&scheme=http"
+                     "&endpoint_override=127.0.0.1:9", load_config(), run_id="r")  # nothing listens: no step may run
