@@ -334,6 +334,12 @@ class CaptionStage:
 
             digest["similarity_model"] = ModelSpec.from_config(cfg.embed).identity()
         if c.backend == "concepts":
+            if not c.concepts_vocabulary and cfg.assign.vocabulary != "builtin":
+                # concept ids index assign's vocabulary; the built-in TSV would name other concepts
+                raise ValueError(
+                    f"caption.backend = 'concepts' names concept ids, and assign used the vocabulary "
+                    f"{cfg.assign.vocabulary!r}, not the built-in one; set caption.concepts_vocabulary to "
+                    "a TSV (id, en, zh) with that vocabulary's ids, or use the openai/vllm backend")
             self.vocabulary = load_vocabulary(c.concepts_vocabulary)
             return {**digest, "vocabulary": self.vocabulary[2], "concepts": len(self.vocabulary[0])}
         if not c.model:

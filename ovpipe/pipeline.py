@@ -40,7 +40,7 @@ class Step:
     reads: str  # "input" (the pipeline's input) or another step's name
     scope: str  # SHARED (incremental, one folder for all runs) or VERSION (one per run)
     run: Callable[[str, str, Config, bool], StageSummary]  # (input, output, cfg, overwrite)
-    report: str = ""  # where the step's report is, relative to its output folder
+    report: str | Callable[[Config], str] = ""  # the step's report, relative to where it wrote
 
 
 def _ingest(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummary:
@@ -91,6 +91,12 @@ def _train(input: str, output: str, cfg: Config, overwrite: bool) -> StageSummar
     return run_training_step(input, output, cfg, overwrite=overwrite)
 
 
+def _train_report(cfg: Config) -> str:
+    """The last stage's loss plot: stage 2 of the demo chain, else the configured stage."""
+    real_model = cfg.train.llm_path or cfg.train.init_from
+    return f"{cfg.train.stage if real_model else '2'}/loss.png"
+
+
 def _check_train_run_dir(out: Location, cfg: Config) -> None:
     if not cfg.train.run_dir:
         raise ValueError(
@@ -107,7 +113,7 @@ STEPS: list[Step] = [
     Step("balance", "assign", VERSION, _balance, report="_report"),
     Step("caption", "balance", VERSION, _caption),
     Step("pack", "caption", VERSION, _pack, report="pack_stats.png"),
-    Step("train", "pack", VERSION, _train, report="2/loss.png"),
+    Step("train", "pack", VERSION, _train, report=_train_report),
 ]
 
 
@@ -160,7 +166,9 @@ def run_pipeline(input: str, output: str, cfg: Config, *, run_id: str | None = N
         record = summary.to_json()
         record["wall_seconds"] = round(time.monotonic() - t0, 3)
         record["rows_per_s"] = round(record["input_rows"] / max(record["wall_seconds"], 1e-9), 1)
-        record["report"] = folder.join(step.report).uri() if step.report else None
+        report = step.report(cfg) if callable(step.report) else step.report
+        # relative to where the step wrote: for train on an object-store run, under train.run_dir
+        record["report"] = posixpath.join(record["output"], report) if report else None
         records.append(record)
     manifest = {
         "run_id": run_id,

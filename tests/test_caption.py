@@ -316,6 +316,14 @@ def test_concepts_backend_is_deterministic_and_dedups_globally(ray_address, inge
     assert one.input_rows == one.kept_rows + one.dropped_rows
 
 
+def test_concepts_backend_refuses_to_name_ids_of_another_vocabulary(ingested, tmp_path):
+    """assign's ids index its own vocabulary; the built-in names would silently be wrong."""
+    metaclip = tmp_path / "metadata.json"
+    metaclip.write_text('["dog", "cat"]')
+    with pytest.raises(ValueError, match="set caption.concepts_vocabulary"):
+        caption(with_concepts(ingested, tmp_path / "in"), tmp_path / "o", [f'assign.vocabulary="{metaclip}"'])
+
+
 def text_embeddings(captions, cfg):
     import torch
 
