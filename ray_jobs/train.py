@@ -11,7 +11,6 @@ so a run started here resumes with `ovpipe train` and the other way round (at an
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -29,14 +28,14 @@ def _loop(config: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from ovpipe.config import load_config
-    from trainer.train import parse_args
+    from trainer.train import arg_parser
 
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--num-workers", type=int, default=0, help="0 = train.nproc_per_node, else GPUs, else 1")
-    ap.add_argument("--use-gpu", action="store_true")
-    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
-    own, rest = ap.parse_known_args(argv)
-    args = parse_args(rest)
+    ap = arg_parser(prog="python -m ray_jobs.train")
+    ap.add_argument("--num-workers", type=int, default=0,
+                    help="Ray Train workers; 0 = train.nproc_per_node, else one per GPU, else 1")
+    ap.add_argument("--use-gpu", action="store_true", help="GPU workers (implied when the cluster has GPUs)")
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
+    args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
 
     import ray
@@ -47,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_ray(cfg)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = own.use_gpu or gpus > 0
-    workers = own.num_workers or cfg.train.nproc_per_node or (gpus if use_gpu else 1)
+    use_gpu = args.use_gpu or gpus > 0
+    workers = args.num_workers or cfg.train.nproc_per_node or (gpus if use_gpu else 1)
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"input": args.input, "output": os.path.abspath(args.output),
                            "config": cfg.model_dump(), "kill_after": os.environ.get(KILL_ENV)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": own.cpus_per_worker}),
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=RunConfig(name="ovpipe-train", storage_path=os.path.abspath(os.path.join(args.output, "_ray"))),
     )
     trainer.fit()

@@ -335,14 +335,19 @@ def run_training_step(input: str, output: str, cfg: Config, overwrite: bool = Fa
 # ----------------------------------------------------------------------------- entry point
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="torchrun -m trainer.train", description="FSDP2 training on packed shards")
+def arg_parser(prog: str = "torchrun -m trainer.train") -> argparse.ArgumentParser:
+    """The trainer's flags; launchers (ray_jobs.train) add theirs to the same parser."""
+    ap = argparse.ArgumentParser(prog=prog, description="FSDP2 training on packed shards")
     ap.add_argument("--input", required=True, help="packed shards (the pack stage's output folder)")
     ap.add_argument("--output", required=True, help="run folder: checkpoints, metrics, export")
     ap.add_argument("--config", default=None, help="run config (TOML); the [train] section")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config key, e.g. --set train.stage=1.5 (repeatable)")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return arg_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
