@@ -289,7 +289,7 @@ class AssignSection(Section):
     k: int = Field(5, ge=1, le=1024, description="Concepts per image.")
     backend: Literal["auto", "faiss", "torch"] = Field(
         "auto", description="Top-k search: FAISS inner product (GPU float16 index when faiss has GPUs), "
-        "torch matmul + topk, or auto (torch on CPU; on CUDA faiss-gpu when installed, else torch). "
+        "torch matmul + topk, or auto (FAISS when installed: faiss-cpu on CPU, faiss-gpu on CUDA; else torch). "
         "Candidates are rescored exactly, so the output does not depend on the backend.",
     )
     keep_embedding: bool = Field(False, description="Keep the embedding column in the output.")

@@ -1,6 +1,7 @@
 """Assign stage: backends against a float64 brute-force reference; the stage on Ray."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +53,17 @@ def test_ties_go_to_the_lower_concept_id_even_across_the_cut(backend):
     assert np.array_equal(ids, reference(concepts, queries, 3)[0])
 
 
-def test_auto_backend_and_k_larger_than_vocabulary():
+def test_auto_backend_and_k_larger_than_vocabulary(monkeypatch):
     rng = np.random.default_rng(2)
-    searcher = Searcher(unit(rng, 4, 16), "auto")
-    assert searcher.backend == "torch"  # on CPU
-    ids, _ = searcher.search(unit(rng, 3, 16), 4)
+    concepts, queries = unit(rng, 4, 16), unit(rng, 3, 16)
+    searcher = Searcher(concepts, "auto")
+    assert searcher.backend == "faiss"  # faiss-cpu is installed (the cpu extra)
+    ids, _ = searcher.search(queries, 4)
     assert sorted(ids[0].tolist()) == [0, 1, 2, 3]
+    monkeypatch.setitem(sys.modules, "faiss", None)  # a machine without FAISS falls back to torch
+    fallback = Searcher(concepts, "auto")
+    assert fallback.backend == "torch"
+    assert (fallback.search(queries, 4)[0] == ids).all()
 
 
 @pytest.fixture(scope="module")
