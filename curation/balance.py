@@ -528,13 +528,18 @@ def _load(loc: Location, bcfg, extra: Iterable[str] = ()) -> ShardRows:
     return shard_rows(read_columns(loc, bcfg.weighting, extra), bcfg.weighting, bcfg.top_k, bcfg.num_concepts)
 
 
+
+def source_counts(rows) -> Counter:
+    """Rows per source; a null source (inputs not from ovpipe's ingest) counts as ""."""
+    return Counter(s or "" for s in rows.sources.tolist()) if rows.sources is not None else Counter()
+
 def count_pass(loc: Location, bcfg) -> dict[str, Any]:
     rows = _load(loc, bcfg)
     return {
         "counts": concept_counts(rows.lists.values),
         "rows": len(rows.codes),
         "codes": np.bincount(rows.codes, minlength=len(REASONS)).astype(np.int64),
-        "sources": Counter(rows.sources.tolist()) if rows.sources is not None else Counter(),
+        "sources": source_counts(rows),
     }
 
 

@@ -48,11 +48,11 @@ def concept_stats(counts: np.ndarray, top: int = 50, reference_top: np.ndarray |
 
 
 def _after_pass(loc: Location, bcfg) -> dict[str, Any]:
-    from curation.balance import read_columns, shard_rows
+    from curation.balance import read_columns, shard_rows, source_counts
 
     rows = shard_rows(read_columns(loc, "mean"), "mean", bcfg.top_k, bcfg.num_concepts)
     return {"counts": np.bincount(rows.lists.values).astype(np.int64),
-            "sources": Counter(rows.sources.tolist()) if rows.sources is not None else Counter()}
+            "sources": source_counts(rows)}
 
 
 def _examples_pass(loc: Location, bcfg, concepts: np.ndarray, per_concept: int) -> list[tuple]:

@@ -51,6 +51,13 @@ class RunSection(Section):
         description="'ray': shards as Ray tasks; 'local': one after another in this process (debugging).",
         json_schema_extra=NOT_HASHED,
     )
+    retire_missing_inputs: bool = Field(
+        False,
+        description="An output shard whose input shard is gone (removed or renamed) is refused by "
+        "default, since its rows would still flow to later stages; true = retire it (manifest entry, "
+        "data and ledger deleted) and go on.",
+        json_schema_extra=NOT_HASHED,
+    )
 
 
 class RaySection(Section):

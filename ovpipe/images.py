@@ -182,6 +182,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# Pixels of an encoded image any stage accepts (PIL's bomb-warning limit, ingest.max_pixels
+# default): the packer refuses more, so the trainer never meets an image it must refuse.
+MAX_SOURCE_PIXELS = 89_478_485
+
 # Bytes read back by reference: no image ingest accepted is this large (ingest.max_image_bytes is
 # 32 MiB by default), so anything bigger was swapped in after ingest.
 MAX_FETCH_BYTES = 256 * 1024 * 1024

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ovpipe.shards import LEDGER_DIR, Location
+from ovpipe.shards import LEDGER_DIR, MANIFEST_DIR, STAGE_FILE, Location
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -63,13 +63,20 @@ def read_ledger(root: Location) -> pl.DataFrame:
 
 
 def _ledger_files(root: Location) -> list[Location]:
+    """Committed ledger files only: a shard's ledger counts once its manifest entry exists (an
+    attempt that died between writing its ledger and committing left one that is not)."""
     selector = pafs.FileSelector(root.path, recursive=True, allow_not_found=True)
+    infos = root.fs.get_file_info(selector)
+    files = {info.path for info in infos if info.type == pafs.FileType.File}
     out = []
-    for info in root.fs.get_file_info(selector):
-        parts = info.path.split("/")
-        if (info.type == pafs.FileType.File and len(parts) >= 2 and parts[-2] == LEDGER_DIR
-                and info.path.endswith(".parquet") and not parts[-1].startswith(".")):
-            out.append(Location(root.fs, info.path))
+    for path in files:
+        parts = path.split("/")
+        if len(parts) >= 2 and parts[-2] == LEDGER_DIR and path.endswith(".parquet") and not parts[-1].startswith("."):
+            stage_dir = "/".join(parts[:-2])
+            manifest = f"{stage_dir}/{MANIFEST_DIR}"
+            has_manifest = f"{manifest}/{STAGE_FILE}" in files
+            if not has_manifest or f"{manifest}/{parts[-1][: -len('.parquet')]}.json" in files:
+                out.append(Location(root.fs, path))
     return sorted(out, key=lambda loc: loc.path)
 
 

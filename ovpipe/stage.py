@@ -190,9 +190,12 @@ def commit_shard(task: ShardTask, result: ShardOutput, start: float | None = Non
     output_name = f"{task.shard}.parquet"
     write_table(task.output_root.join(output_name), result.table)
     ledger_name = None
+    ledger_file = task.output_root.join(LEDGER_DIR, f"{task.shard}.parquet")
     if dropped:
         ledger_name = f"{LEDGER_DIR}/{task.shard}.parquet"
-        write_table(task.output_root.join(ledger_name), result.ledger.table())
+        write_table(ledger_file, result.ledger.table())
+    elif ledger_file.exists():  # left by an attempt that died before its commit: not this shard's
+        ledger_file.fs.delete_file(ledger_file.path)
     entry = {
         "shard": task.shard,
         "input": task.input.uri(),
@@ -298,6 +301,10 @@ def run_stage(
     open_output(output_root, payload, tasks[0].config_hash, overwrite)
 
     done = read_manifest_entries(output_root)
+    gone = sorted(set(done) - {t.shard for t in tasks})
+    if gone:
+        retire_shards(stage, output_root, gone, cfg)
+        done = {k: v for k, v in done.items() if k not in gone}
     pending = [t for t in tasks if t.shard not in done]
     failed: dict[str, str] = {}
     if pending:
@@ -325,6 +332,27 @@ def run_stage(
     check_accounting(summary, output_root, entries)
     write_json(output_root.join(MANIFEST_DIR, SUMMARY_FILE), summary.to_json())
     return summary
+
+
+def retire_shards(stage: Stage, out: Location, shards: list[str], cfg: Config) -> None:
+    """Output shards whose input shard is gone: refused, or (run.retire_missing_inputs) deleted,
+    manifest entry first, so that a crash part-way never leaves a committed shard without data."""
+    if not cfg.run.retire_missing_inputs:
+        raise OutputConflict(
+            f"{stage.name}: {len(shards)} shard(s) in {out.uri()!r} were committed from input shards that "
+            f"are no longer in the input (removed or renamed): {shards[:5]}. Their rows would still flow to "
+            "later stages. Put the inputs back, or re-run with --set run.retire_missing_inputs=true to "
+            "delete those shards' output (later stages then retire theirs), or --overwrite to redo the stage."
+        )
+    extra = getattr(stage, "shard_files", None)  # stage-specific per-shard files (pack's payloads)
+    for shard in shards:
+        entry = out.join(MANIFEST_DIR, f"{shard}.json")
+        entry.fs.delete_file(entry.path)
+        for rel in [f"{shard}.parquet", f"{LEDGER_DIR}/{shard}.parquet", *(extra(shard) if extra else [])]:
+            loc = out.join(rel)
+            if loc.exists():
+                loc.fs.delete_file(loc.path)
+    print(f"[{stage.name}] retired {len(shards)} shard(s) whose input is gone: {shards[:5]}", file=sys.stderr)
 
 
 def _record(stage: Stage, result: dict[str, Any], failed: dict[str, str], progress: Progress) -> None:

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from ovpipe.config import Config, config_hash
-from ovpipe.images import BadImage, fetch_image_bytes, probe_image
+from ovpipe.images import MAX_SOURCE_PIXELS, BadImage, fetch_image_bytes, probe_image
 from ovpipe.ledger import AccountingError, Ledger
 from ovpipe.shards import (
     MANIFEST_DIR,
@@ -322,6 +322,11 @@ class PackPrepStage:
     schema_version = 1
     input_suffixes = (".parquet", ".jsonl", ".json")
 
+    @staticmethod
+    def shard_files(shard: str) -> list[str]:
+        """Per-shard files besides data and ledger (deleted when the shard is retired)."""
+        return [f"{PAYLOAD_DIR}/{shard}.parquet"]
+
     def prepare(self, shards: list[Location], cfg: Config) -> dict[str, Any]:
         p = cfg.pack
         tok = ptok.load_tokenizer(p.tokenizer)
@@ -408,7 +413,7 @@ class PackPrepStage:
         for k, data in enumerate(images):
             if sizes is None or sizes[k][0] is None:
                 try:
-                    info = probe_image(data, cfg.max_image_bytes, 1 << 31)
+                    info = probe_image(data, cfg.max_image_bytes, MAX_SOURCE_PIXELS)  # what the trainer accepts
                 except BadImage as e:
                     raise SampleError(e.reason, e.detail) from None
                 h, w = info.height, info.width
@@ -416,6 +421,9 @@ class PackPrepStage:
                 if len(data) > cfg.max_image_bytes:
                     raise SampleError("image_too_large", f"{len(data):,} bytes > {cfg.max_image_bytes:,}")
                 h, w = int(sizes[k][0]), int(sizes[k][1])
+                if h * w > MAX_SOURCE_PIXELS:  # ingest may have been run with a larger max_pixels
+                    raise SampleError("too_many_pixels", f"{w}x{h} = {h * w:,} px > {MAX_SOURCE_PIXELS:,}, "
+                                                         "more than the trainer decodes")
             try:
                 hw.append(ptok.smart_resize(h, w, cfg.min_pixels, cfg.max_pixels))
             except ValueError as e:

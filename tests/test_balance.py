@@ -332,3 +332,12 @@ def test_fixed_size_list_input_as_the_assign_stage_writes_it(ray_address, zipf_t
         a, b = (kept(tmp_path / f"o-{n}-{w}").sort_by("sample_id") for n in ("fixed", "plain"))
         assert a["sample_id"].to_pylist() == b["sample_id"].to_pylist() and a.num_rows == 360
         assert a["weight"].to_pylist() == b["weight"].to_pylist()
+
+
+def test_null_sources_from_foreign_inputs_do_not_break_the_counts(ray_address, tmp_path):
+    rows = zipf_rows(40, concepts=10, k=2, seed=4)
+    sources = [None if i % 4 == 0 else "web" for i in range(40)]
+    write_shards(tmp_path / "in", pa.table({"sample_id": rows["sample_id"], "concept_ids": rows["concept_ids"],
+                                            "source": sources}), [20, 20])
+    _, summary = balance(tmp_path / "in", tmp_path / "out", "balance.fraction=0.5", "balance.num_concepts=10")
+    assert summary.kept_rows == 20 and summary.input_rows == 40

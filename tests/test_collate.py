@@ -311,6 +311,44 @@ def test_decode_image_resizes_and_rejects_bad_sizes():
         decode_image(_png(0, 90, 60), (50, 84))
 
 
+def test_decode_image_shows_images_as_displayed_and_names_broken_bytes():
+    """image_hw was measured after EXIF orientation: a rotated phone photo must be rotated, not
+    squashed; transparent pixels are white, as in every other stage."""
+    raw = np.zeros((56, 112, 3), np.uint8)
+    raw[:, 56:] = 255  # stored: left half black, right half white (112 wide, 56 high)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: 56 wide, 112 high
+    buf = io.BytesIO()
+    Image.fromarray(raw).save(buf, "JPEG", quality=95, exif=exif)
+    x = decode_image(buf.getvalue(), (112, 56))
+    top, bottom = x[:, :56].mean().item(), x[:, 56:].mean().item()
+    assert bottom - top > 3.0, (top, bottom)  # black on top, white below once rotated
+    buf = io.BytesIO()
+    Image.new("RGBA", (56, 56), (0, 0, 0, 0)).save(buf, "PNG")
+    white = decode_image(buf.getvalue(), (56, 56))
+    assert torch.allclose(white, decode_image(_png_white(), (56, 56)), atol=1e-5)
+    with pytest.raises(PackMismatchError, match="do not decode"):
+        decode_image(b"\x89PNG\r\n\x1a\n not really", (56, 56))
+
+
+def _png_white() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), (255, 255, 255)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_stream_never_read_before_its_checkpoint_resumes(tok, tmp_path):
+    """A stage-2 mixture dataset not yet drawn saves the default position; resuming must work."""
+    from trainer.data import PackStream
+
+    write_test_packs(tmp_path / "p", tok, n_shards=3, packs_per_shard=2)
+    fresh = PackStream(str(tmp_path / "p"), seed=0)
+    resumed = PackStream(str(tmp_path / "p"), seed=0)
+    resumed.load_state_dict(fresh.state_dict())
+    assert [p["pack_id"] for p, _ in zip(resumed, range(4))] == \
+        [p["pack_id"] for p, _ in zip(PackStream(str(tmp_path / "p"), seed=0), range(4))]
+
+
 def test_truncated_sample_and_packs_without_stored_ids(tok):
     """The packer's 'truncate' policy keeps all images of a cut sample and stores the cut length;
     the collator renders the whole conversation, applies the same truncate() and feeds only the

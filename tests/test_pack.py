@@ -508,3 +508,21 @@ def test_ray_job_entrypoint_matches_cli(ray_address, caption_input, tmp_path):
                           cwd=REPO, env=subprocess_env(ray_address), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert file_digests(job) == file_digests(out)
+
+
+def test_an_image_the_trainer_would_refuse_is_ledgered_by_the_packer():
+    """Conversation inputs are probed with the trainer's own source-pixel bound (ovpipe.images
+    .MAX_SOURCE_PIXELS), so no pack can hold an image that stops training when it is reached."""
+    import io
+
+    from PIL import Image
+
+    from packing.stage import PackPrepStage, SampleError
+
+    buf = io.BytesIO()
+    Image.new("L", (9600, 9600), 128).save(buf, "PNG")  # 92 M px, a 0.3 MB file
+    rec = {"images": [buf.getvalue()], "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                          {"from": "gpt", "value": "Grey."}]}
+    with pytest.raises(SampleError) as err:
+        PackPrepStage._sample(rec, load_config().pack, ptok.load_tokenizer("qwen"))
+    assert err.value.reason == "too_many_pixels"

@@ -17,7 +17,7 @@ from ovpipe.shards import (
     write_json,
     write_table,
 )
-from ovpipe.stage import ShardOutput, check_accounting, run_shard, run_stage
+from ovpipe.stage import OutputConflict, ShardOutput, check_accounting, run_shard, run_stage
 
 
 @pytest.fixture
@@ -119,3 +119,63 @@ def test_ledger_rows_round_trip():
     ledger.drop("s.parquet#row=3", "corrupt_image", "bad header", None)
     table = ledger.table()
     assert table.num_rows == 1 and table["stage"][0].as_py() == "ingest"
+
+
+class KeepEvenStage:
+    """A tiny stage: keeps rows with an even `x` and ledgers the odd ones (drop_odd=False: keeps all)."""
+
+    name = "keep_even"
+    config_sections = ("run",)
+    schema_version = 1
+    input_suffixes = (".parquet",)
+
+    def __init__(self, drop_odd: bool = True):
+        self.drop_odd = drop_odd
+
+    def process(self, task):
+        table = read_table(task.input)
+        ledger = Ledger(self.name)
+        keep = []
+        for i, x in enumerate(table.column("x").to_pylist()):
+            if self.drop_odd and x % 2:
+                ledger.drop(f"{task.input.uri()}#row={i}", "odd", str(x), None)
+            else:
+                keep.append(i)
+        return ShardOutput(table.take(keep), ledger, table.num_rows)
+
+
+def _shards(folder, **shards):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, xs in shards.items():
+        write_table(Location.parse(str(folder / f"{name}.parquet")), pa.table({"x": xs}))
+
+
+def test_an_input_shard_gone_since_the_last_run_is_refused_or_retired(tmp_path):
+    """Its rows must not keep flowing to later stages (a renamed input would double them)."""
+    local = ["run.executor=local"]
+    _shards(tmp_path / "in", a=[0, 1, 2], b=[4])
+    run_stage(KeepEvenStage(), str(tmp_path / "in"), str(tmp_path / "o"), load_config(overrides=local), quiet=True)
+    (tmp_path / "in" / "a.parquet").rename(tmp_path / "in" / "a2.parquet")
+    with pytest.raises(OutputConflict, match=r"no longer in the input.*\['a'\].*retire_missing_inputs"):
+        run_stage(KeepEvenStage(), str(tmp_path / "in"), str(tmp_path / "o"), load_config(overrides=local), quiet=True)
+    cfg = load_config(overrides=local + ["run.retire_missing_inputs=true"])
+    summary = run_stage(KeepEvenStage(), str(tmp_path / "in"), str(tmp_path / "o"), cfg, quiet=True)
+    out = Location.parse(str(tmp_path / "o"))
+    assert sorted(s.name for s in list_input_shards(out)) == ["a2.parquet", "b.parquet"]  # what a later stage reads
+    assert summary.input_rows == 4 and summary.kept_rows == 3
+    assert not (tmp_path / "o" / "a.parquet").exists() and not (tmp_path / "o" / "_ledger" / "a.parquet").exists()
+    assert ledger_counts(out)["count"].sum() == 1  # a2's odd row, once
+
+
+def test_a_retry_that_drops_nothing_leaves_no_stale_ledger(tmp_path):
+    """An attempt that ledgered rows and died before its commit must not leave them counted."""
+    _shards(tmp_path / "in", a=[1, 2])
+    cfg = load_config(overrides=["run.executor=local"])
+    run_stage(KeepEvenStage(), str(tmp_path / "in"), str(tmp_path / "o"), cfg, quiet=True)
+    out = Location.parse(str(tmp_path / "o"))
+    (tmp_path / "o" / "_manifest" / "a.json").unlink()  # as if killed between ledger and commit
+    assert ledger_counts(out).height == 0  # an uncommitted ledger file is not counted
+    # the retry (the transient failure gone) keeps both rows and removes the dead attempt's ledger
+    run_stage(KeepEvenStage(drop_odd=False), str(tmp_path / "in"), str(tmp_path / "o"), cfg, quiet=True)
+    assert not (tmp_path / "o" / "_ledger" / "a.parquet").exists()
+    assert read_table(out.join("a.parquet")).num_rows == 2 and ledger_counts(out).height == 0

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovpipe.images import open_image
+from ovpipe.images import MAX_SOURCE_PIXELS, open_image, to_rgb
 
 from packing import tokenizer as ptok
 from trainer.attention import cu_seqlens_from_segments
@@ -44,7 +44,6 @@ from trainer.params import Stage, get_stage
 PATCH = 14
 MERGE = 2
 MAX_IMAGE_PIXELS = 4 * ptok.DEFAULT_MAX_PIXELS  # bound on untrusted image_hw (after resize)
-MAX_SOURCE_PIXELS = 89_478_485  # bound on the encoded image's own size (PIL's bomb-warning limit)
 
 
 class PackMismatchError(ValueError):
@@ -57,10 +56,16 @@ def decode_image(data: bytes, hw: Sequence[int]) -> torch.Tensor:
     if h <= 0 or w <= 0 or h % (PATCH * MERGE) or w % (PATCH * MERGE) or h * w > MAX_IMAGE_PIXELS:
         raise PackMismatchError(f"image_hw {h}x{w}: sides must be positive multiples of "
                                 f"{PATCH * MERGE} with at most {MAX_IMAGE_PIXELS} pixels")
-    with open_image(data) as im:
+    try:
+        im = open_image(data)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise PackMismatchError(f"image bytes do not decode: {type(e).__name__}: {e}"[:300]) from None
+    with im:
         if im.size[0] * im.size[1] > MAX_SOURCE_PIXELS:  # packs come from ovpipe, but files can be swapped
             raise PackMismatchError(f"source image {im.size[0]}x{im.size[1]} is over {MAX_SOURCE_PIXELS:,} pixels")
-        im = im.convert("RGB")
+        # as displayed (EXIF orientation: image_hw was measured after it), alpha on white, 16-bit scaled:
+        # the same conversion as every other stage
+        im = to_rgb(im)
         if im.size != (w, h):
             im = im.resize((w, h), Image.Resampling.BICUBIC)
         arr = np.asarray(im, dtype=np.float32) / 255.0

@@ -101,7 +101,8 @@ class PackStream:
             raise ValueError(f"data position was saved for rank {pos.rank}/{pos.world_size} seed {pos.seed}; "
                              f"this reader is rank {self.rank}/{self.world_size} seed {self.seed}")
         order = self.shard_order(pos.epoch)
-        if pos.shard_index < len(order) and self.shards[order[pos.shard_index]].name != pos.shard:
+        # shard "" = a stream never read yet (a mixture dataset not drawn before the checkpoint)
+        if pos.shard and pos.shard_index < len(order) and self.shards[order[pos.shard_index]].name != pos.shard:
             raise ValueError(f"data position points at shard {pos.shard!r} but the shard list changed "
                              f"(index {pos.shard_index} is now {self.shards[order[pos.shard_index]].name!r})")
         self.pos = pos
