@@ -221,10 +221,10 @@ def fetch_image_bytes(refs: pa.Table, filesystem=None, *, problems: dict[int, tu
             else:
                 out[i] = data
     for (uri, column), idxs in by_container.items():
-        loc = Location.parse(uri, filesystem)
         try:
+            loc = Location.parse(uri, filesystem)
             table = pq.read_table(loc.path, filesystem=loc.fs, columns=[column])
-        except (OSError, pa.ArrowException) as e:
+        except (OSError, ValueError, pa.ArrowException) as e:
             found.update({i: ("image_not_found", f"{uri}: {type(e).__name__}: {e}"[:300]) for i in idxs})
             continue
         col = table.column(column)

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import posixpath
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -40,6 +41,15 @@ PARQUET_WRITE_OPTIONS: dict[str, Any] = dict(
 )
 
 
+def _escaped(uri: str) -> str:
+    """A URI pyarrow parses back to the same object key: spaces, '#' and non-ASCII in a key are
+    percent-encoded (uri() writes keys as they are); '%' escapes already there and '?options'
+    (region=..., endpoint_override=...) are kept."""
+    scheme, rest = uri.split("://", 1)
+    key, query = rest.split("?", 1) if "?" in rest else (rest, "")
+    return f"{scheme}://{urllib.parse.quote(key, safe='/%:@')}" + (f"?{query}" if query else "")
+
+
 @dataclass(frozen=True)
 class Location:
     """A folder or file on some filesystem; picklable, so it travels into Ray tasks."""
@@ -53,7 +63,7 @@ class Location:
             return cls(fs, path_or_uri.rstrip("/") or "/")
         if "://" in path_or_uri and not path_or_uri.startswith("file://"):
             try:
-                fs, path = pafs.FileSystem.from_uri(path_or_uri)
+                fs, path = pafs.FileSystem.from_uri(_escaped(path_or_uri))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
                 raise ValueError(
                     f"cannot open {path_or_uri!r}: {e}. Use a local path or a URI pyarrow "
