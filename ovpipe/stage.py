@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import posixpath
 import sys
 import time
 import traceback
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from ovpipe.config import Config, config_hash, section_dump
 from ovpipe.ledger import AccountingError, Ledger
@@ -55,6 +57,7 @@ class ShardTask:
     output_root: Location
     config: Config
     config_hash: str
+    input_stamp: str | None = None  # "size:mtime_ns" of the input when planned (None: unknown)
 
 
 @dataclass
@@ -206,6 +209,7 @@ def commit_shard(task: ShardTask, result: ShardOutput, start: float | None = Non
         "dropped_rows": dropped,
         "dropped_by_reason": dict(sorted(Counter(result.ledger.rows["reason"]).items())),
         "config_hash": task.config_hash,
+        "input_stamp": task.input_stamp,
         "seconds": round(time.monotonic() - start, 3),
         "node": _node_id(),  # where it ran (debugging; manifests are not part of the output bytes)
     }
@@ -260,6 +264,26 @@ def _prepare(stage: Stage, shards: list[Location], cfg: Config, input_root: Loca
     return stage._prepared_digest
 
 
+def input_stamps(shards: list[Location]) -> dict[str, str]:
+    """path -> "size:mtime_ns" for every input shard that is a file, from one listing per folder
+    (one LIST on an object store, not a HEAD per shard)."""
+    by_folder: dict[tuple[int, str], list[Location]] = {}
+    for s in shards:
+        by_folder.setdefault((id(s.fs), posixpath.dirname(s.path)), []).append(s)
+    stamps: dict[str, str] = {}
+    for (_, folder), group in by_folder.items():
+        wanted = {s.path for s in group}
+        try:
+            infos = group[0].fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except (OSError, pa.ArrowException):
+            continue  # unknown stamps only mean a changed input is not noticed
+        for info in infos:
+            if info.path in wanted and info.type == pafs.FileType.File:
+                mtime = info.mtime_ns if info.mtime_ns is not None else ""
+                stamps[info.path] = f"{info.size}:{mtime}"
+    return stamps
+
+
 def plan_tasks(stage: Stage, cfg: Config, input_root: Location, output_root: Location) -> list[ShardTask]:
     lister = getattr(stage, "list_shards", None)  # stages whose shards are not plain files
     shards = lister(input_root, cfg) if lister else list_input_shards(input_root, stage.input_suffixes)
@@ -268,8 +292,10 @@ def plan_tasks(stage: Stage, cfg: Config, input_root: Location, output_root: Loc
             f"{stage.name}: no input shards ({', '.join(stage.input_suffixes)}) under {input_root.uri()!r}"
         )
     digest = config_hash(stage_config_payload(stage, cfg, _prepare(stage, shards, cfg, input_root, output_root)))
+    stamps = input_stamps(shards)
     tasks = [
-        ShardTask(stage.name, shard_name_for(input_root, s), s, input_root, output_root, cfg, digest)
+        ShardTask(stage.name, shard_name_for(input_root, s), s, input_root, output_root, cfg, digest,
+                  stamps.get(s.path))
         for s in shards
     ]
     names = Counter(t.shard for t in tasks)
@@ -305,6 +331,13 @@ def run_stage(
     if gone:
         retire_shards(stage, output_root, gone, cfg)
         done = {k: v for k, v in done.items() if k not in gone}
+    # A committed shard whose input was rewritten since (an upstream stage redone) is redone too.
+    changed = [t.shard for t in tasks if t.shard in done and t.input_stamp
+               and done[t.shard].get("input_stamp") not in (None, t.input_stamp)]
+    if changed:
+        print(f"[{stage.name}] {len(changed)} shard(s) redone: their input changed since they were "
+              f"committed: {changed[:5]}", file=sys.stderr)
+        done = {k: v for k, v in done.items() if k not in changed}
     pending = [t for t in tasks if t.shard not in done]
     failed: dict[str, str] = {}
     if pending:

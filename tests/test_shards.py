@@ -188,3 +188,16 @@ def test_object_store_keys_with_spaces_hash_and_non_ascii_round_trip(key):
     loc = Location.parse(f"s3://bucket/{key}{options}")
     assert loc.path == f"bucket/{key}"
     assert Location.parse(loc.uri() + options).path == loc.path
+
+
+def test_a_shard_whose_input_was_rewritten_is_redone_on_resume(tmp_path):
+    """An upstream stage redone (say with --overwrite) rewrites this stage's inputs: a plain
+    re-run must not keep the outputs made from the old ones."""
+    _shards(tmp_path / "in", a=[0, 2, 4], b=[6])
+    cfg = load_config(overrides=["run.executor=local"])
+    run_stage(KeepEvenStage(), str(tmp_path / "in"), str(tmp_path / "o"), cfg, quiet=True)
+    _shards(tmp_path / "in", a=[8])  # rewritten under the same name
+    summary = run_stage(KeepEvenStage(), str(tmp_path / "in"), str(tmp_path / "o"), cfg, quiet=True)
+    out = Location.parse(str(tmp_path / "o"))
+    assert read_table(out.join("a.parquet"))["x"].to_pylist() == [8]
+    assert summary.shards_skipped == 1 and summary.input_rows == 2  # b was left as it was
