@@ -386,3 +386,23 @@ def test_truncated_sample_and_packs_without_stored_ids(tok):
     row["num_tokens"] -= 1
     with pytest.raises(PackMismatchError, match="sample_lens"):
         PackCollator(tok, stage="2", max_len=max_len)(rows)
+
+
+def test_resuming_over_a_changed_shard_list_is_refused(tok, tmp_path):
+    """A saved position means something only over the same packs: added or re-packed shards would
+    silently repeat or skip packs."""
+    from trainer.checkpoint import global_position, reposition
+    from trainer.data import PackStream
+
+    write_test_packs(tmp_path / "p", tok, n_shards=2, packs_per_shard=2)
+    stream = PackStream(str(tmp_path / "p"), seed=0)
+    next(iter(stream))
+    saved = stream.state_dict()
+    write_test_packs(tmp_path / "more", tok, n_shards=3, packs_per_shard=2)
+    changed = PackStream(str(tmp_path / "more"), seed=0)
+    with pytest.raises(ValueError, match="changed since this position was saved"):
+        changed.load_state_dict(saved)
+    with pytest.raises(ValueError, match="changed since this position was saved"):  # another world size
+        reposition(changed, **global_position({**saved, "global_index": 1}))
+    same = PackStream(str(tmp_path / "p"), seed=0)
+    same.load_state_dict(saved)  # the same packs resume

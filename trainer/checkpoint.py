@@ -87,7 +87,8 @@ def _jsonable(x):
 
 def global_position(state: dict[str, Any]) -> dict[str, int]:
     """Rank 0's PackStream state -> (epoch, consumed): the group has read items [0, consumed)."""
-    return {"epoch": state["epoch"], "consumed": state.get("global_index", 0)}
+    return {"epoch": state["epoch"], "consumed": state.get("global_index", 0),
+            "shards_digest": state.get("shards_digest", "")}
 
 
 def stream_global_index(stream) -> int:
@@ -100,7 +101,7 @@ def stream_global_index(stream) -> int:
     return int(offsets[pos.shard_index] + pos.row)
 
 
-def reposition(stream, epoch: int, consumed: int) -> None:
+def reposition(stream, epoch: int, consumed: int, shards_digest: str = "") -> None:
     """Point ``stream`` (any rank / world size) at item ``consumed + rank`` of ``epoch``."""
     order = stream.shard_order(epoch)
     offsets = np.cumsum([0] + [stream.num_rows[s] for s in order]).tolist()
@@ -113,7 +114,7 @@ def reposition(stream, epoch: int, consumed: int) -> None:
     k = bisect.bisect_right(offsets, g) - 1
     stream.load_state_dict({"epoch": epoch, "shard_index": k, "shard": stream.shards[order[k]].name,
                             "row": g - offsets[k], "rank": stream.rank, "world_size": stream.world_size,
-                            "seed": stream.seed})
+                            "seed": stream.seed, "shards_digest": shards_digest})
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -185,7 +186,7 @@ class Checkpointer:
             set_rng_state(mine["rng"])
         else:  # another world size: the shared position, and fresh seeded RNG streams per rank
             for s, d in zip(streams, meta["data"]):
-                reposition(s, d["epoch"], d["consumed"])
+                reposition(s, d["epoch"], d["consumed"], d.get("shards_digest", ""))
             torch.manual_seed(meta.get("seed", 0) * 1_000_003 + meta["step"] * 131 + rank)
         return meta
 

@@ -21,11 +21,13 @@ Memory: one shard's rows for this rank are held at a time (packer shards are bou
 from __future__ import annotations
 
 import bisect
+import json
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
+import xxhash
 
 from ovpipe.shards import Location, list_input_shards
 from packing.schema import PACK_SCHEMA, PACK_SCHEMA_VERSION
@@ -42,6 +44,7 @@ class DataPosition:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    shards_digest: str = ""  # the packed shards read (names, row counts); "" in older checkpoints
 
 
 class PackStream:
@@ -57,7 +60,9 @@ class PackStream:
         if sum(self.num_rows) < world_size:
             raise ValueError(f"{sum(self.num_rows)} packs under {self.root.uri()!r} for {world_size} ranks: "
                              "every rank needs at least one pack per epoch")
-        self.pos = DataPosition(rank=rank, world_size=world_size, seed=seed)
+        listing = [[s.name, n] for s, n in zip(self.shards, self.num_rows)]
+        self.shards_digest = xxhash.xxh3_64_hexdigest(json.dumps(listing).encode())
+        self.pos = DataPosition(rank=rank, world_size=world_size, seed=seed, shards_digest=self.shards_digest)
 
     def _check_shard(self, shard: Location) -> int:
         with shard.fs.open_input_file(shard.path) as f:
@@ -100,6 +105,11 @@ class PackStream:
         if (pos.rank, pos.world_size, pos.seed) != (self.rank, self.world_size, self.seed):
             raise ValueError(f"data position was saved for rank {pos.rank}/{pos.world_size} seed {pos.seed}; "
                              f"this reader is rank {self.rank}/{self.world_size} seed {self.seed}")
+        if pos.shards_digest and pos.shards_digest != self.shards_digest:
+            raise ValueError(f"the packed shards under {self.root.uri()!r} changed since this position was saved "
+                             "(shards added, removed or re-packed): resuming would repeat or skip packs. Point "
+                             "the trainer at the packs the run started with, or start a new run folder")
+        pos.shards_digest = self.shards_digest
         order = self.shard_order(pos.epoch)
         # shard "" = a stream never read yet (a mixture dataset not drawn before the checkpoint)
         if pos.shard and pos.shard_index < len(order) and self.shards[order[pos.shard_index]].name != pos.shard:
