@@ -322,7 +322,7 @@ class AssignActor:
 def run_assign_pool(stage: AssignStage, pending: list[ShardTask], cfg: Config, progress) -> dict[str, str]:
     import ray
 
-    from ovpipe.raycluster import ensure_ray
+    from ovpipe.raycluster import cluster_workers, ensure_ray
 
     ensure_ray(cfg)
     a = cfg.assign
@@ -331,7 +331,7 @@ def run_assign_pool(stage: AssignStage, pending: list[ShardTask], cfg: Config, p
     if gpus and a.num_gpus_per_actor:
         size, opts = a.pool_size or max(int(gpus // a.num_gpus_per_actor), 1), {"num_gpus": a.num_gpus_per_actor}
     else:
-        size, opts = a.pool_size or cfg.run.workers or max(int(res.get("CPU", 1)), 1), {}
+        size, opts = a.pool_size or cluster_workers(cfg), {}
     size = min(size, len(pending))
     concepts = ray.put(stage._concepts)
     remote = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=2)(AssignActor)

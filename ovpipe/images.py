@@ -236,11 +236,11 @@ def fetch_image_bytes(refs: pa.Table, filesystem=None, *, problems: dict[int, tu
                 found[i] = ("image_not_found", f"{uri} has no image bytes in column {column!r} row {rows[i]}")
             else:
                 out[i] = value
+    for i, data in enumerate(out):  # before hashing: never hash what is refused anyway
+        if data is not None and len(data) > max_bytes:
+            out[i], found[i] = None, ("image_too_large", f"more than the limit of {max_bytes:,} bytes")
     if "sample_id" in refs.column_names:
         _check_identity(out, refs.column("sample_id").to_pylist(), found)
-    for i, data in enumerate(out):
-        if data is not None and len(data) > max_bytes:
-            out[i], found[i] = None, ("image_too_large", f"{len(data):,} bytes > limit {max_bytes:,}")
     if problems is not None:
         problems.update(found)
     return out
@@ -249,10 +249,11 @@ def fetch_image_bytes(refs: pa.Table, filesystem=None, *, problems: dict[int, tu
 def _check_identity(out: list[bytes | None], sample_ids: list[str | None], found: dict) -> None:
     """A reference must still point at the bytes ingest hashed into sample_id."""
     for i, (data, sid) in enumerate(zip(out, sample_ids)):
-        if data is not None and sid is not None and xxhash.xxh3_64_hexdigest(data) != sid:
+        digest = xxhash.xxh3_64_hexdigest(data) if data is not None and sid is not None else sid
+        if digest != sid:
             out[i] = None
-            found[i] = ("image_changed", f"the referenced bytes hash to {xxhash.xxh3_64_hexdigest(data)}, "
-                                         f"not sample_id {sid}: the file was replaced after ingest")
+            found[i] = ("image_changed", f"the referenced bytes hash to {digest}, not sample_id {sid}: "
+                                         "the file was replaced after ingest")
 
 
 def _read_tar_members(uri: str, names: list[str], filesystem, max_bytes: int) -> list[bytes | BadImage]:
@@ -282,13 +283,9 @@ def _read_tar_members(uri: str, names: list[str], filesystem, max_bytes: int) ->
 
 
 def _read_file(uri: str, filesystem, max_bytes: int, found: dict, i: int) -> bytes | None:
+    """One bounded read: one byte past max_bytes is enough for the size check after it."""
     try:
-        loc = Location.parse(uri, filesystem)
-        size = loc.fs.get_file_info(loc.path).size
-        if size is not None and size > max_bytes:  # refused before reading it
-            found[i] = ("image_too_large", f"{uri}: {size:,} bytes > limit {max_bytes:,}")
-            return None
-        return loc.read_bytes()
+        return Location.parse(uri, filesystem).read_bytes(limit=max_bytes + 1)
     except (OSError, ValueError) as e:
         found[i] = ("image_not_found", f"{uri}: {type(e).__name__}: {e}"[:300])
         return None

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from ovpipe.config import Config, config_hash, section_dump
 from ovpipe.shards import Location, read_json, write_bytes_atomic, write_json
-from ovpipe.stage import StageSummary, run_stage
+from ovpipe.stage import StageSummary, input_file_infos, run_stage
 
 SHARED, VERSION = "shared", "version"
 
@@ -124,7 +124,8 @@ def step_names() -> list[str]:
 def default_run_id(inputs: list[Location], cfg: Config) -> str:
     """A hash of the config and of the input listing (names and sizes): the same inputs and
     config give the same id, so a resubmitted run finishes its own version."""
-    listing = [[shard.path, shard.fs.get_file_info(shard.path).size] for shard in inputs]
+    infos = input_file_infos(inputs)  # one listing per folder, not a request per shard
+    listing = [[shard.path, infos[shard.path].size if shard.path in infos else None] for shard in inputs]
     return "r-" + config_hash({"config": hashed_config(cfg), "inputs": listing})[:12]
 
 

@@ -100,9 +100,14 @@ class Location:
     def mkdir(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 
-    def read_bytes(self) -> bytes:
+    def read_bytes(self, limit: int = -1) -> bytes:
+        """The file's bytes; with a limit, at most that many (one request either way)."""
         with self.fs.open_input_stream(self.path) as f:
-            return f.read()
+            return f.read() if limit < 0 else f.read(limit)
+
+    def delete_if_exists(self) -> None:
+        if self.exists():
+            self.fs.delete_file(self.path)
 
     def size(self) -> int:
         return self.fs.get_file_info(self.path).size

@@ -197,8 +197,8 @@ def commit_shard(task: ShardTask, result: ShardOutput, start: float | None = Non
     if dropped:
         ledger_name = f"{LEDGER_DIR}/{task.shard}.parquet"
         write_table(ledger_file, result.ledger.table())
-    elif ledger_file.exists():  # left by an attempt that died before its commit: not this shard's
-        ledger_file.fs.delete_file(ledger_file.path)
+    else:  # one left by an attempt that died before its commit is not this shard's
+        ledger_file.delete_if_exists()
     entry = {
         "shard": task.shard,
         "input": task.input.uri(),
@@ -264,24 +264,27 @@ def _prepare(stage: Stage, shards: list[Location], cfg: Config, input_root: Loca
     return stage._prepared_digest
 
 
-def input_stamps(shards: list[Location]) -> dict[str, str]:
-    """path -> "size:mtime_ns" for every input shard that is a file, from one listing per folder
-    (one LIST on an object store, not a HEAD per shard)."""
+def input_file_infos(shards: list[Location]) -> dict[str, pafs.FileInfo]:
+    """path -> FileInfo for every input shard that is a file, from one listing per folder (one
+    LIST on an object store, not a HEAD per shard); a folder that cannot be listed is left out."""
     by_folder: dict[tuple[int, str], list[Location]] = {}
     for s in shards:
         by_folder.setdefault((id(s.fs), posixpath.dirname(s.path)), []).append(s)
-    stamps: dict[str, str] = {}
+    found: dict[str, pafs.FileInfo] = {}
     for (_, folder), group in by_folder.items():
         wanted = {s.path for s in group}
         try:
             infos = group[0].fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         except (OSError, pa.ArrowException):
-            continue  # unknown stamps only mean a changed input is not noticed
-        for info in infos:
-            if info.path in wanted and info.type == pafs.FileType.File:
-                mtime = info.mtime_ns if info.mtime_ns is not None else ""
-                stamps[info.path] = f"{info.size}:{mtime}"
-    return stamps
+            continue
+        found.update({i.path: i for i in infos if i.path in wanted and i.type == pafs.FileType.File})
+    return found
+
+
+def input_stamps(shards: list[Location]) -> dict[str, str]:
+    """path -> "size:mtime_ns" (unknown stamps only mean a changed input is not noticed)."""
+    return {path: f"{i.size}:{'' if i.mtime_ns is None else i.mtime_ns}"
+            for path, i in input_file_infos(shards).items()}
 
 
 def plan_tasks(stage: Stage, cfg: Config, input_root: Location, output_root: Location) -> list[ShardTask]:
@@ -379,12 +382,9 @@ def retire_shards(stage: Stage, out: Location, shards: list[str], cfg: Config) -
         )
     extra = getattr(stage, "shard_files", None)  # stage-specific per-shard files (pack's payloads)
     for shard in shards:
-        entry = out.join(MANIFEST_DIR, f"{shard}.json")
-        entry.fs.delete_file(entry.path)
+        out.join(MANIFEST_DIR, f"{shard}.json").delete_if_exists()
         for rel in [f"{shard}.parquet", f"{LEDGER_DIR}/{shard}.parquet", *(extra(shard) if extra else [])]:
-            loc = out.join(rel)
-            if loc.exists():
-                loc.fs.delete_file(loc.path)
+            out.join(rel).delete_if_exists()
     print(f"[{stage.name}] retired {len(shards)} shard(s) whose input is gone: {shards[:5]}", file=sys.stderr)
 
 
