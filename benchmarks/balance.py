@@ -1,12 +1,14 @@
 """Balance benchmark: 20M samples x top-5 concepts from a Zipf law over 500K concepts -> 5M selected.
 
-(a) The selection core (curation.balance.select: concept counts, weights, Efraimidis-Spirakis
+(a) The selection core (curation.balance_core.select: concept counts, weights, Efraimidis-Spirakis
     keys, radix-select cut-off, keep mask, inclusion probabilities) on in-memory arrays, against
     one plain numpy pass over the same arrays (bincount of the concepts + gather of per-sample
     mean inverse frequency), in the same run: time ratio (target <= 3x) and peak memory
     (tracemalloc; target: inputs + extra <= 2x the input arrays).
 (b) End to end: `ovpipe balance` (a subprocess with its own local Ray) on Parquet shards of the
-    first --e2e-rows of the same data: wall time, and the stage's own time from _summary.json.
+    first --e2e-rows of the same data: wall time, the stage's own time from OUT/_manifest/_summary.json
+    and its counts pass's from OUT/_counts/_manifest/_summary.json (the rest is the select pass:
+    the cut-off search in its prepare, then the per-shard selection).
 
     .venv/bin/python benchmarks/balance.py [--rows 20000000] [--e2e-rows 2000000]
 
@@ -32,7 +34,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from curation.balance import ConceptLists, select  # noqa: E402
+from curation.balance_core import ConceptLists, select  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -124,11 +126,12 @@ def end_to_end(hashes: np.ndarray, ids: np.ndarray, rows: int, rows_per_shard: i
         if proc.returncode != 0:
             raise RuntimeError(f"ovpipe balance failed:\n{proc.stderr[-4000:]}")
         summary = json.loads((out / "_manifest" / "_summary.json").read_text())
+        counts = json.loads((out / "_counts" / "_manifest" / "_summary.json").read_text())
         report = json.loads((out / "_report" / "balance_report.json").read_text())
         return {
             "rows": rows, "shards": shards, "selected": summary["kept_rows"],
             "exact_n": summary["kept_rows"] == rows // 4,
-            "wall_s": round(wall, 2), "stage_s": summary["seconds"],
+            "wall_s": round(wall, 2), "stage_s": summary["seconds"], "counts_pass_s": counts["seconds"],
             "rows_per_s": round(rows / wall), "cpus": os.cpu_count(),
             "entropy_bits_before": report["concepts_before"]["entropy_bits"],
             "entropy_bits_after": report["concepts_after"]["entropy_bits"],

@@ -33,9 +33,9 @@ from curation.caption import caption_openai, choose_languages  # noqa: E402
 from curation.ingest import IngestStage  # noqa: E402
 from ovpipe.config import load_config  # noqa: E402
 from ovpipe.demo_data import make_demo_data  # noqa: E402
-from ovpipe.images import fetch_image_bytes  # noqa: E402
-from ovpipe.shards import Location, list_input_shards, read_table  # noqa: E402
-from ovpipe.stage import run_stage  # noqa: E402
+from ovpipe.core.images import fetch_image_bytes  # noqa: E402
+from ovpipe.core.shards import Location, list_input_shards, read_table  # noqa: E402
+from ovpipe.core.stage import run_stage  # noqa: E402
 
 
 def demo_images(n: int, workdir: Path) -> list[bytes]:

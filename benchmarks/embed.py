@@ -32,7 +32,7 @@ def make_raw(folder: str, n: int, per_shard: int) -> None:
     import pyarrow as pa
     from PIL import Image
 
-    from ovpipe.shards import Location, write_table
+    from ovpipe.core.shards import Location, write_table
 
     rng = np.random.default_rng(0)
     for s in range(0, n, per_shard):
@@ -87,7 +87,7 @@ def ray_stage(raw: str, work: str, batch: int, threads: int) -> dict:
     from curation.embed import EmbedStage, run_embed_pipeline
     from curation.ingest import IngestStage
     from ovpipe.config import load_config
-    from ovpipe.stage import run_stage
+    from ovpipe.core.stage import run_stage
 
     ray.init(num_cpus=threads + 1, include_dashboard=False, logging_level=logging.WARNING)
     cfg = load_config(overrides=[
@@ -98,8 +98,8 @@ def ray_stage(raw: str, work: str, batch: int, threads: int) -> dict:
     timings: dict = {}
 
     class TimedEmbed(EmbedStage):
-        def execute_on_ray(self, pending, cfg, progress):
-            return run_embed_pipeline(pending, cfg, progress, timings)
+        def execute(self, pending, ctx, progress):
+            return run_embed_pipeline(self, pending, ctx.cfg, progress, timings)
 
     start = time.perf_counter()
     summary = run_stage(TimedEmbed(), os.path.join(work, "ingest"), os.path.join(work, "embed"), cfg, quiet=True)

@@ -82,7 +82,7 @@ def ovpipe_ingest(root: Path, out: Path, workers: int) -> tuple[int, float, floa
 
     from curation.ingest import IngestStage
     from ovpipe.config import load_config
-    from ovpipe.stage import run_stage
+    from ovpipe.core.stage import run_stage
 
     start = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING")

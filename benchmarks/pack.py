@@ -9,7 +9,7 @@ TRL gets its token lists as int8 lists (it only needs their lengths) and a singl
 it packs globally; on --trl-n samples (token lists of 1M samples would need ~3 GB as int32).
 Shapes: log-normal (mean ~740, clipped to [64, 8192]), bimodal, many near-max samples.
 End-to-end: `ovpipe pack` (Ray executor, 8 buckets) on 8 Parquet shards of (sample_id, num_tokens);
-`seconds` is run_pack on a started local Ray (its first run, so Ray's workers start inside it),
+`seconds` is run_stage(PackStage()) on a started local Ray (its first run, so Ray's workers start inside it),
 with the Ray start-up and a second run reported apart.
 Prints progress, then ONE JSON line last; headline_ratio = our samples/s over the faster
 reference's samples/s on the log-normal shape (target >= 20).
@@ -102,8 +102,9 @@ def e2e(n: int, lengths: np.ndarray) -> dict:
     import pyarrow.parquet as pq
 
     from ovpipe.config import load_config
-    from ovpipe.raycluster import ensure_ray
-    from packing.stage import run_pack
+    from ovpipe.core.executor import ensure_ray
+    from ovpipe.core.stage import run_stage
+    from packing.stage import PackStage
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
@@ -121,7 +122,7 @@ def e2e(n: int, lengths: np.ndarray) -> dict:
         runs = []
         for k in range(2):  # the first run also starts the Ray workers and their imports
             t = time.perf_counter()
-            summary = run_pack(str(src), str(Path(tmp) / f"out{k}"), cfg, quiet=True)
+            summary = run_stage(PackStage(), str(src), str(Path(tmp) / f"out{k}"), cfg, quiet=True)
             runs.append(time.perf_counter() - t)
         stats = json.loads((Path(tmp) / "out0" / "pack_stats.json").read_text())
     dt = runs[0]

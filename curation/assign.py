@@ -21,21 +21,27 @@ output does not depend on it anyway. Queries go in chunks of ``assign.query_chun
 
 How it runs: ``prepare`` (driver) loads or builds the concept cache once; an actor pool (one
 actor per GPU, or per ``run.workers`` on CPU) each holding the concept vectors processes whole
-input shards and commits each one itself (``ovpipe.stage.run_shard``).
+input shards and commits each one itself (``ovpipe.core.stage.run_shard``).
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from ovpipe.config import Config
-from ovpipe.ledger import Ledger
-from ovpipe.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json, read_table
-from ovpipe.stage import ShardOutput, ShardTask, run_shard
+from curation.concepts import embed_concepts, flat_ip_index, load_or_build
+from curation.embed import ModelSpec, resolve_device
+from ovpipe.core.executor import cluster_workers, ensure_ray, uses_ray
+from ovpipe.core.ledger import Ledger
+from ovpipe.core.progress import Progress
+from ovpipe.core.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json, read_table
+from ovpipe.core.stage import (PassContext, Shard, ShardOutput, ShardTask, SinglePassStage, record_result,
+                               run_shard_safely)
+
+if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
+    from ovpipe.config import Config
 
 CONCEPT_IDS = "concept_ids"
 WINDOW_MARGIN = 8  # candidates beyond k that the backend proposes for exact rescoring
@@ -75,7 +81,6 @@ class Searcher:
         if self.backend == "faiss":
             import faiss
 
-            from curation.concepts import flat_ip_index
 
             if num_threads:
                 faiss.omp_set_num_threads(num_threads)
@@ -187,7 +192,7 @@ def embedding_matrix(column: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.
     return out, ok
 
 
-class AssignStage:
+class AssignStage(SinglePassStage):
     name = "assign"
     config_sections = ("assign",)
     schema_version = 1
@@ -205,14 +210,12 @@ class AssignStage:
         self.__dict__.update(state)
         self._concepts = self._index = self._searcher = None
 
-    def prepare(self, shards, cfg: Config) -> dict[str, Any]:
-        from curation.concepts import load_or_build
-        from curation.embed import ModelSpec
-
+    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
+        cfg = ctx.cfg
         spec = ModelSpec.from_config(cfg.embed)
         identity = spec.identity()
         if shards:
-            check_embed_model(shards[0], identity)
+            check_embed_model(shards[0].input, identity)
         a = cfg.assign
         table = load_or_build(a.vocabulary, spec, a.template, a.cache_dir, a.text_batch_size, a.device,
                               build=_remote_build_if_gpu(cfg))
@@ -223,8 +226,6 @@ class AssignStage:
 
     def searcher(self, cfg: Config, num_threads: int = 0) -> Searcher:
         if self._searcher is None:
-            from curation.embed import resolve_device
-
             index = None
             if self._concepts is None:  # a task in another process: read the cache from disk
                 self._concepts, index = _read_cached(self.cache_folder)
@@ -256,8 +257,11 @@ class AssignStage:
                                 _fixed(scores, pa.float32()))
         return ShardOutput(out, ledger, table.num_rows)
 
-    def execute_on_ray(self, pending: list[ShardTask], cfg: Config, progress) -> dict[str, str]:
-        return run_assign_pool(self, pending, cfg, progress)
+    def execute(self, pending: list[ShardTask], ctx: PassContext, progress: Progress) -> dict[str, str]:
+        """On Ray: a pool of actors that each hold the concept index once; locally: process()."""
+        if not uses_ray(ctx.cfg):
+            return super().execute(pending, ctx, progress)
+        return run_assign_pool(self, pending, ctx.cfg, progress)
 
 
 def _read_cached(folder: str):
@@ -288,17 +292,13 @@ def _remote_build_if_gpu(cfg: Config):
         import ray
     except ImportError:
         return None
-    if cfg.run.executor == "local" or cfg.assign.device == "cpu":
+    if not uses_ray(cfg) or cfg.assign.device == "cpu":
         return None
-    from ovpipe.raycluster import ensure_ray
-
     ensure_ray(cfg)
     if ray.cluster_resources().get("GPU", 0) < 1:
         return None
 
     def build(names, spec, template, batch_size, device):
-        from curation.concepts import embed_concepts
-
         task = ray.remote(num_gpus=1)(embed_concepts)
         return ray.get(task.remote(names, spec, template, batch_size, "cuda"))
 
@@ -314,15 +314,11 @@ class AssignActor:
         stage.searcher(cfg, num_threads)
 
     def run(self, task: ShardTask) -> dict[str, Any]:
-        from ovpipe.stage import _run_shard_safely
-
-        return _run_shard_safely(self.stage, task)
+        return run_shard_safely(self.stage, task)
 
 
 def run_assign_pool(stage: AssignStage, pending: list[ShardTask], cfg: Config, progress) -> dict[str, str]:
     import ray
-
-    from ovpipe.raycluster import cluster_workers, ensure_ray
 
     ensure_ray(cfg)
     a = cfg.assign
@@ -350,10 +346,7 @@ def run_assign_pool(stage: AssignStage, pending: list[ShardTask], cfg: Config, p
             result = ray.get(ready[0])
         except Exception as e:  # the actor died: that shard failed, the next run retries it
             result = {"shard": task.shard, "error": f"{type(e).__name__}: {e}"}
-        if "error" in result:
-            failed[result["shard"]] = result["error"]
-            print(f"[assign] shard {result['shard']} failed: {result['error']}", file=sys.stderr, flush=True)
-        progress.update(1, result.get("input_rows", 0))
+        record_result("assign", result, failed, progress)
     for actor in actors:
         ray.kill(actor)
     return failed

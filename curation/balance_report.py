@@ -1,13 +1,17 @@
 """The balance stage's report, written next to its output once every shard is committed.
 
-Reads:  the balance stage's committed output shards (through its manifest) and the global state
-        its prepare() found (concept counts and source counts of the usable input rows).
+Reads:  the balance stage's committed output shards (the select pass's manifest entries) and the
+        global state its select pass's prepare() found (``BalanceState``: the concept counts and
+        source counts of the usable input rows, summed from the counts pass's ``OUT/_counts/``).
 Writes: ``OUT/_report/balance_report.json``: sizes, per-concept counts before/after, coverage
         (concepts with at least one image), entropy, top-50 share, per-source counts
         before/after; and PNG plots: ``concept_frequency_by_rank.png`` (log-log, before/after:
         the paper's Fig. 3a), ``source_mix.png`` (Fig. 3b), ``contact_sheet.png`` (a few
         selected images of the most and least frequent concepts, when their bytes are
         reachable through the image reference columns).
+
+Called by ``BalanceStage.report`` (curation/balance.py) once run_stage's accounting check passed;
+imports the sampler (curation/balance_core.py), never the stage.
 """
 
 from __future__ import annotations
@@ -15,14 +19,22 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
-from ovpipe.config import Config
-from ovpipe.shards import Location, list_input_shards, read_table, write_bytes_atomic
+from curation.balance_core import BalanceState, map_shards, read_columns, shard_rows, source_counts
+from ovpipe.core.images import (MAX_FETCH_BYTES, MAX_SOURCE_PIXELS, BadImage, fetch_image_bytes, open_image,
+                                probe_image)
+from ovpipe.core.shards import Location, write_bytes_atomic
 
+if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
+    from curation.config import BalanceSection
+    from ovpipe.config import Config
+
+REPORT_DIR = "_report"
 REF_COLUMNS = ("image_uri", "image_member", "image_row")
 THUMB = 96  # px, contact-sheet tile
 
@@ -47,19 +59,15 @@ def concept_stats(counts: np.ndarray, top: int = 50, reference_top: np.ndarray |
     return out
 
 
-def _after_pass(loc: Location, bcfg) -> dict[str, Any]:
-    from curation.balance import read_columns, shard_rows, source_counts
-
+def _after_pass(bcfg: BalanceSection, loc: Location) -> dict[str, Any]:
     rows = shard_rows(read_columns(loc, "mean"), "mean", bcfg.top_k, bcfg.num_concepts)
     return {"counts": np.bincount(rows.lists.values).astype(np.int64),
             "sources": source_counts(rows)}
 
 
-def _examples_pass(loc: Location, bcfg, concepts: np.ndarray, per_concept: int) -> list[tuple]:
+def _examples_pass(bcfg: BalanceSection, concepts: np.ndarray, per_concept: int, loc: Location) -> list[tuple]:
     """(concept, sample_hash, image_uri, image_member, image_row) of the `per_concept` selected
     rows with the smallest sample_hash for each wanted concept (deterministic)."""
-    from curation.balance import read_columns, shard_rows
-
     table = read_columns(loc, "mean", REF_COLUMNS)
     if "image_uri" not in table.column_names:
         return []
@@ -138,12 +146,9 @@ def plot_source_mix(before: dict[str, int], after: dict[str, int]) -> bytes:
 
 def _thumbnail(data: bytes | None):
     """A small RGB tile; None for bytes that are missing or not a safe image."""
-    from PIL import Image
-
-    from ovpipe.images import BadImage, open_image, probe_image
-
     try:
-        probe_image(data, 32 * 1024 * 1024, 89_478_485)
+        # fetch_image_bytes already refused more than MAX_FETCH_BYTES; bombs are refused before decode
+        probe_image(data, MAX_FETCH_BYTES, MAX_SOURCE_PIXELS)
         img = open_image(data)
         img.draft("RGB", (THUMB, THUMB))
         img = img.convert("RGB")
@@ -176,11 +181,9 @@ def plot_contact_sheet(rows: list[tuple[str, list]]) -> bytes:
     return _png(fig)
 
 
-def _contact_sheet(stage, shards, cfg: Config, after: np.ndarray, report: dict) -> bytes | None:
-    from curation.balance import map_shards
-    from ovpipe.images import fetch_image_bytes
-
-    before = stage.state.counts
+def _contact_sheet(state: BalanceState, shards: list[Location], cfg: Config, after: np.ndarray,
+                   report: dict) -> bytes | None:
+    before = state.counts
     k, m = cfg.balance.report_concepts, cfg.balance.report_images
     present = np.flatnonzero(after[: len(before)] > 0)
     if not len(present) or not k:
@@ -207,12 +210,10 @@ def _contact_sheet(stage, shards, cfg: Config, after: np.ndarray, report: dict) 
     return plot_contact_sheet(rows) if shown else None
 
 
-def write_report(stage, out: Location, cfg: Config) -> list[str]:
-    """Build balance_report.json and the plots under OUT/_report/; returns the written paths."""
-    from curation.balance import REPORT_DIR, map_shards
-
-    state = stage.state
-    shards = list_input_shards(out)
+def write_report(state: BalanceState, out: Location, cfg: Config, shards: list[Location],
+                 selected_rows: int) -> list[str]:
+    """Build balance_report.json and the plots under OUT/_report/ from the global state, the
+    committed output shards and their selected (kept) rows; returns the written URIs."""
     after = np.zeros(len(state.counts), dtype=np.int64)
     sources_after: Counter = Counter()
     for part in map_shards(_after_pass, shards, (cfg.balance,), cfg, "report counts"):
@@ -233,7 +234,7 @@ def write_report(stage, out: Location, cfg: Config) -> list[str]:
         "input_rows": state.input_rows,
         "usable_rows": state.usable_rows,
         "unusable_rows_by_reason": state.invalid,
-        "selected_rows": int(sum(part_rows(out, shards))),
+        "selected_rows": int(selected_rows),
         "size": {
             "target": bcfg.target or None,
             "fraction": bcfg.fraction or None,
@@ -254,7 +255,7 @@ def write_report(stage, out: Location, cfg: Config) -> list[str]:
         "concept_frequency_by_rank.png": plot_rank_frequency(before, after, state.mode),
         "source_mix.png": plot_source_mix(state.sources, dict(sources_after)),
     }
-    sheet = _contact_sheet(stage, shards, cfg, after, report)
+    sheet = _contact_sheet(state, shards, cfg, after, report)
     if sheet is not None:
         files["contact_sheet.png"] = sheet
     report["plots"] = sorted(files)
@@ -266,10 +267,3 @@ def write_report(stage, out: Location, cfg: Config) -> list[str]:
     text = json.dumps(report, sort_keys=False, ensure_ascii=False, separators=(",", ":"))
     write_bytes_atomic(folder.join("balance_report.json"), (text + "\n").encode("utf-8"))
     return [folder.join("balance_report.json").uri()] + written
-
-
-def part_rows(out: Location, shards: list[Location]):
-    from ovpipe.shards import parquet_num_rows
-
-    for s in shards:
-        yield parquet_num_rows(s)

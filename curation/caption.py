@@ -2,7 +2,7 @@
 
 Reads:  any ovpipe shards with ``sample_id``, optional ``sample_hash`` (uint64) and ``source``,
         and an image reference (``image_uri``, ``image_member``, ``image_row``; bytes fetched
-        with ``ovpipe.images.fetch_image_bytes``). The ``concepts`` backend reads
+        with ``ovpipe.core.images.fetch_image_bytes``). The ``concepts`` backend reads
         ``concept_ids`` (list<int32>, best first, from assign) instead of images.
 Writes: ``OUT/<shard>.parquet``: the input columns + ``caption`` (string), ``language``
         ("en" / "zh") and ``captioner`` ("<model>@<prompt_version>"); ledger rows with stage
@@ -10,23 +10,29 @@ Writes: ``OUT/<shard>.parquet``: the input columns + ``caption`` (string), ``lan
         ``caption_request_failed``, ``duplicate_caption``, ``near_duplicate_caption`` and, when
         ``caption.min_image_text_similarity`` > -1, ``caption_low_similarity`` (English captions
         whose embed-model text embedding is far from the row's image ``embedding``).
+        Also ``OUT/_captions/`` (pass 1's committed output: a stage output of its own, with
+        manifest and ledger) and ``OUT/_dedup/<shard>.parquet`` (pass 2's per-shard loser lists:
+        row, reason, detail; rewritten identically on every run).
 
-Two passes, both ordinary ``run_stage`` runs (so both resume through their manifests):
+``CaptionStage`` is two passes, run by ``ovpipe.core.stage.run_stage`` (both resume through
+their manifests; run_stage does the commits, the accounting and ``OUT/_manifest/_summary.json``):
 
-1. ``CaptionStage`` -> ``OUT/_captions/``: per input shard, every sample is captioned (requests
+1. ``CaptionPass`` -> ``OUT/_captions/``: per input shard, every sample is captioned (requests
    concurrent inside the shard, ``caption.max_in_flight`` open at once) and checked by the
    per-sample filter. Each kept row also carries ``caption_key`` (uint64 hash of the normalised
-   caption) and ``caption_minhash`` (uint32 MinHash signature): the per-shard hash lists.
-2. ``CaptionDedupStage`` -> ``OUT/``: its ``prepare()`` reads only those hash columns of every
+   caption), ``caption_minhash`` (uint32 MinHash signature) and ``caption_locator`` (where the
+   sample was read): the per-shard hash lists. With ``--overwrite`` its (costly) captions are kept
+   when the pass's config is unchanged (``keep_on_overwrite``): only pass 2 is redone.
+2. ``CaptionDedupPass`` -> ``OUT/``: its ``prepare()`` reads only those hash columns of every
    pass-1 shard on the driver, reduces them to the set of duplicate losers (winner = smallest
-   (sample_hash, sample_id)), and puts a digest of that set in the config hash; each shard task
-   then ledgers its losers and writes the final rows without the helper columns.
+   (sample_hash, sample_id)), writes each shard's losers to ``OUT/_dedup/<shard>.parquet`` and
+   puts a digest of that set in the config hash; each shard task then ledgers its losers and
+   writes the final rows without the helper columns.
 
 A crash in pass 1 loses at most the shards in progress (finished shards are never captioned
 again); a crash in pass 2 redoes only its unfinished shards, from the same loser set. Pass 2
-needs every pass-1 shard, so it starts only when pass 1 is complete. Accounting holds per pass
-(pass-1 inputs = pass-1 kept + ledgered; pass-1 kept = pass-2 kept + ledgered), and the
-combined summary in ``OUT/_manifest/_summary.json`` adds them up.
+needs every pass-1 shard, so it starts only when pass 1 is complete. Ledger rows of both passes
+have stage ``caption``.
 
 Language: ``language_by_source`` when the sample's source is listed, else Chinese when
 xxh3(seed, sample_id) / 2**64 < ``zh_share``: deterministic, independent of order and sharding.
@@ -36,21 +42,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import functools
 import importlib.util
 import io
 import json
 import math
-import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import xxhash
 from PIL import Image
 
@@ -66,37 +70,37 @@ from curation.caption_filter import (
     near_duplicate_candidates,
     winner_rank,
 )
-from ovpipe.config import CaptionSection, Config
-from ovpipe.images import fetch_image_bytes, open_image
-from ovpipe.ledger import Ledger
-from ovpipe.shards import (
-    MANIFEST_DIR,
-    STAGE_FILE,
-    SUMMARY_FILE,
-    Location,
-    read_json,
-    read_table,
-    write_json,
-    write_table,
-)
-from ovpipe.stage import (
-    OutputConflict,
+from curation.config import CaptionSection
+from curation.embed import ModelSpec, load_model
+from ovpipe.core.hashing import text_hash
+from ovpipe.core.images import fetch_image_bytes, open_image
+from ovpipe.core.ledger import Ledger
+from ovpipe.core.progress import Progress
+from ovpipe.core.shards import Location, read_table, write_table
+from ovpipe.core.stage import (
+    Pass,
+    PassContext,
+    Shard,
     ShardOutput,
     ShardTask,
-    StageSummary,
-    check_accounting,
-    plan_tasks,
-    run_stage,
+    Stage,
+    record_result,
+    run_shard_safely,
 )
 
+if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
+    from ovpipe.config import Config
+
 DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "concepts_bilingual.tsv"
-PASS1_DIR = "_captions"
+PASS1_DIR = "_captions"  # pass 1's folder under OUT
+DEDUP_DIR = "_dedup"  # pass 2's loser lists under OUT
 LEDGER_STAGE = "caption"
 OUTPUT_COLUMNS = [pa.field("caption", pa.string()), pa.field("language", pa.string()),
                   pa.field("captioner", pa.string())]
 HELPER_COLUMNS = [pa.field("caption_key", pa.uint64()), pa.field("caption_minhash", pa.list_(pa.uint32())),
                   pa.field("caption_locator", pa.string())]  # where pass 1 read the sample
 IMAGE_REF = ("image_uri", "image_member", "image_row")
+LOSER_SCHEMA = pa.schema([pa.field("row", pa.int32()), pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 
 
 class MissingBackend(RuntimeError):
@@ -106,7 +110,7 @@ class MissingBackend(RuntimeError):
 # --- language and seeds ------------------------------------------------------------------------
 
 def _unit(seed: int, sample_id: str, salt: str) -> float:
-    return xxhash.xxh3_64_intdigest(f"{salt}:{seed}:{sample_id}".encode()) / 2.0**64
+    return text_hash(f"{salt}:{seed}:{sample_id}") / 2.0**64
 
 
 def choose_languages(sample_ids: list[str], sources: list[str | None], cfg: CaptionSection, seed: int) -> list[str]:
@@ -117,7 +121,7 @@ def choose_languages(sample_ids: list[str], sources: list[str | None], cfg: Capt
 
 def request_seed(sample_id: str, seed: int, attempt: int) -> int:
     """Per-sample sampling seed sent to the server; attempt 1 is the retry of a rejected caption."""
-    return xxhash.xxh3_64_intdigest(f"req:{seed}:{attempt}:{sample_id}".encode()) % 2**31
+    return text_hash(f"req:{seed}:{attempt}:{sample_id}") % 2**31
 
 
 def filter_rules(cfg: CaptionSection) -> FilterRules:
@@ -314,24 +318,26 @@ def caption_vllm(sample_ids: list[str], images: list[bytes | None], languages: l
 
 # --- pass 1 ------------------------------------------------------------------------------------
 
-class CaptionStage:
+class CaptionPass(Pass):
+    """Pass 1: caption and filter every sample of one input shard (``OUT/_captions``)."""
+
     name = "caption"
     config_sections = ("run", "caption")
     schema_version = 1
-    input_suffixes = (".parquet",)
+    folder = PASS1_DIR
+    keep_on_overwrite = True  # --overwrite after a change of dedup settings only: keep the captions
 
     def __init__(self) -> None:
         self.vocabulary: tuple[list[str], list[str], str] | None = None
 
-    def prepare(self, shards: list[Location], cfg: Config) -> dict[str, Any]:
+    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
+        cfg = ctx.cfg
         c = cfg.caption
         if c.minhash_perms % c.minhash_bands:
             raise ValueError(f"caption.minhash_bands ({c.minhash_bands}) must divide caption.minhash_perms "
                              f"({c.minhash_perms})")
         digest: dict[str, Any] = {}
         if c.min_image_text_similarity > -1:  # the embed model is part of what decides the output
-            from curation.embed import ModelSpec
-
             digest["similarity_model"] = ModelSpec.from_config(cfg.embed).identity()
         if c.backend == "concepts":
             if not c.concepts_vocabulary and cfg.assign.vocabulary != "builtin":
@@ -347,6 +353,15 @@ class CaptionStage:
         if c.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             caption_vllm([], [], [], c, 0)  # raises the clear MissingBackend message
         return digest
+
+    def execute(self, pending: list[ShardTask], ctx: PassContext, progress: Progress) -> dict[str, str]:
+        """vLLM: the engine actors are the parallelism, so shards run one at a time in this process."""
+        if ctx.cfg.caption.backend != "vllm":
+            return super().execute(pending, ctx, progress)
+        failed: dict[str, str] = {}
+        for task in pending:
+            record_result(self.name, run_shard_safely(self, task), failed, progress)
+        return failed
 
     def process(self, task: ShardTask) -> ShardOutput:
         c, seed = task.config.caption, task.config.run.seed
@@ -415,16 +430,12 @@ class CaptionStage:
 def _text_tower(spec):
     import open_clip
 
-    from curation.embed import load_model
-
     return load_model(spec, "cpu"), open_clip.get_tokenizer(spec.name)
 
 
 def image_text_cosine(captions: list[str], image_embeddings: np.ndarray, cfg: Config) -> np.ndarray:
     """Cosine similarity of each caption (embed model's text tower, CPU) with its image embedding."""
     import torch
-
-    from curation.embed import ModelSpec
 
     model, tokenizer = _text_tower(ModelSpec.from_config(cfg.embed))
     with torch.no_grad():
@@ -462,26 +473,28 @@ def _require(table: pa.Table, task: ShardTask, columns: list[str]) -> None:
 
 # --- pass 2: the global duplicate pass ---------------------------------------------------------
 
-class CaptionDedupStage:
-    """Pass 2. ``prepare`` runs the global reduction and writes each shard's losers to
-    ``<pass 1>/_dedup/<shard>.parquet`` (row, reason, detail): tasks read only their own file, so
+class CaptionDedupPass(Pass):
+    """Pass 2 (``OUT``). ``prepare`` runs the global reduction and writes each shard's losers to
+    ``OUT/_dedup/<shard>.parquet`` (row, reason, detail): tasks read only their own file, so
     nothing of size O(dataset) travels to every task. Rewritten identically on every run."""
 
     name = "caption_dedup"
     config_sections = ("run", "caption")
     schema_version = 1
-    input_suffixes = (".parquet",)
+    reads = CaptionPass.name
+    folder = ""
 
-    def prepare(self, shards: list[Location], cfg: Config) -> dict[str, Any]:
-        c = cfg.caption
-        losers = find_duplicate_rows(shards, c)
-        folder = Location(shards[0].fs, posixpath.join(posixpath.dirname(shards[0].path), DEDUP_DIR))
+    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
+        c = ctx.cfg.caption
+        files = [s.input for s in shards]
+        losers = find_duplicate_rows(files, c)
+        folder = ctx.output.join(DEDUP_DIR)
         folder.delete_tree()
         digest = xxhash.xxh3_64()
-        for loc in shards:
-            table = losers.get(loc.path, LOSER_SCHEMA.empty_table())
-            write_table(folder.join(loc.name), table)
-            digest.update(loc.name.encode())
+        for s in shards:
+            table = losers.get(s.input.path, LOSER_SCHEMA.empty_table())
+            write_table(folder.join(f"{s.name}.parquet"), table)
+            digest.update(s.input.name.encode())
             digest.update(table.column("row").to_numpy().tobytes())
             digest.update("\n".join(table.column("reason").to_pylist()).encode())
         return {"dedup": {"exact": c.dedup_exact, "near_dup_threshold": c.near_dup_threshold,
@@ -490,8 +503,7 @@ class CaptionDedupStage:
 
     def process(self, task: ShardTask) -> ShardOutput:
         table = read_table(task.input)
-        losers = read_table(Location(task.input.fs, posixpath.join(posixpath.dirname(task.input.path), DEDUP_DIR,
-                                                                    task.input.name)))
+        losers = read_table(task.output_root.join(DEDUP_DIR, f"{task.shard}.parquet"))
         ledger = Ledger(LEDGER_STAGE)
         ids = table.column("sample_id").to_pylist()
         locators = table.column("caption_locator").to_pylist()  # the caption stage's input, not OUT/_captions
@@ -503,9 +515,8 @@ class CaptionDedupStage:
         out = table.filter(pa.array(mask)).drop_columns([f.name for f in HELPER_COLUMNS])
         return ShardOutput(out, ledger, table.num_rows)
 
-
-DEDUP_DIR = "_dedup"
-LOSER_SCHEMA = pa.schema([pa.field("row", pa.int32()), pa.field("reason", pa.string()), pa.field("detail", pa.string())])
+    def shard_files(self, shard: str) -> list[str]:
+        return [f"{DEDUP_DIR}/{shard}.parquet"]
 
 
 def find_duplicate_rows(shards: list[Location], c: CaptionSection) -> dict[str, pa.Table]:
@@ -521,8 +532,7 @@ def find_duplicate_rows(shards: list[Location], c: CaptionSection) -> dict[str, 
         n = t.num_rows
         ids.append(t.column("sample_id"))
         hashes.append(t.column("sample_hash").to_numpy() if "sample_hash" in names else
-                      np.array([xxhash.xxh3_64_intdigest(s.encode()) for s in t.column("sample_id").to_pylist()],
-                               dtype=np.uint64))
+                      np.array([text_hash(s) for s in t.column("sample_id").to_pylist()], dtype=np.uint64))
         keys.append(t.column("caption_key").to_numpy())
         shard_of.append(np.full(n, i, np.int32))
         row_of.append(np.arange(n, dtype=np.int32))
@@ -576,8 +586,6 @@ def find_duplicate_rows(shards: list[Location], c: CaptionSection) -> dict[str, 
 
 
 def pq_names(loc: Location) -> list[str]:
-    import pyarrow.parquet as pq
-
     with loc.fs.open_input_file(loc.path) as f:
         return pq.ParquetFile(f).schema_arrow.names
 
@@ -598,63 +606,12 @@ def _signatures(shards: list[Location], needed: np.ndarray, shard_all: np.ndarra
     return out
 
 
-# --- both passes -------------------------------------------------------------------------------
+# --- the stage ---------------------------------------------------------------------------------
 
-class CaptionRunner:
-    """What `ovpipe caption` runs: pass 1 into OUT/_captions, pass 2 into OUT, one summary."""
+class CaptionStage(Stage):
+    """What `ovpipe caption` runs: pass 1 into OUT/_captions, pass 2 into OUT."""
 
     name = "caption"
 
-    def run(self, input: str, output: str, cfg: Config, *, filesystem=None, overwrite: bool = False,
-            quiet: bool = False) -> StageSummary:
-        out = Location.parse(output, filesystem)
-        pass1_out = output.rstrip("/") + "/" + PASS1_DIR
-        pass1 = out.join(PASS1_DIR)
-        ours = out.join(MANIFEST_DIR, STAGE_FILE).exists() or pass1.join(MANIFEST_DIR, STAGE_FILE).exists()
-        if out.is_dir() and not ours and (out.list_files() or pass1.exists()):
-            raise OutputConflict(f"output {out.uri()!r} is not empty and is not an ovpipe caption output; "
-                                 "choose an empty or new folder.")
-        if overwrite and ours:
-            _clear(out, keep_captions=self._captions_still_valid(input, pass1, cfg, filesystem))
-        if cfg.caption.backend == "vllm":  # the engine actors are the parallelism: one shard at a time
-            cfg = copy.deepcopy(cfg)
-            cfg.run.executor = "local"
-        first = run_stage(CaptionStage(), input, pass1_out, cfg, filesystem=filesystem, quiet=quiet)
-        second = run_stage(CaptionDedupStage(), pass1_out, output, cfg, filesystem=filesystem, quiet=quiet)
-        reasons = dict(first.dropped_by_reason)
-        for k, v in second.dropped_by_reason.items():
-            reasons[k] = reasons.get(k, 0) + v
-        summary = StageSummary(
-            stage=self.name, output=out.uri(), config_hash=second.config_hash, shards=second.shards,
-            shards_skipped=first.shards_skipped, input_rows=first.input_rows, kept_rows=second.kept_rows,
-            dropped_rows=first.dropped_rows + second.dropped_rows, dropped_by_reason=dict(sorted(reasons.items())),
-            seconds=round(first.seconds + second.seconds, 3))
-        check_accounting(summary)
-        write_json(out.join(MANIFEST_DIR, SUMMARY_FILE), summary.to_json())
-        return summary
-
-    @staticmethod
-    def _captions_still_valid(input: str, pass1: Location, cfg: Config, filesystem) -> bool:
-        """--overwrite after a change of dedup settings only: keep the (costly) captions."""
-        header = pass1.join(MANIFEST_DIR, STAGE_FILE)
-        if not header.exists():
-            return False
-        tasks = plan_tasks(CaptionStage(), cfg, Location.parse(input, filesystem), pass1)
-        return read_json(header).get("config_hash") == tasks[0].config_hash
-
-
-def _clear(out: Location, keep_captions: bool) -> None:
-    if not keep_captions:
-        out.delete_tree()
-        return
-    for info in out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False)):
-        if posixpath.basename(info.path) == PASS1_DIR:
-            continue
-        if info.type == pafs.FileType.Directory:
-            out.fs.delete_dir(info.path)
-        else:
-            out.fs.delete_file(info.path)
-
-
-def run_caption(input: str, output: str, cfg: Config, **kw: Any) -> StageSummary:
-    return CaptionRunner().run(input, output, cfg, **kw)
+    def passes(self) -> list[Pass]:
+        return [CaptionPass(), CaptionDedupPass()]

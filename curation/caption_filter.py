@@ -43,6 +43,9 @@ from typing import Callable
 import numpy as np
 import xxhash
 
+from ovpipe.core.hashing import text_hash
+from packing.tokenizer import load_tokenizer  # the packer's tokenizer: the same counts downstream
+
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LATIN = re.compile(r"[A-Za-z]")
 _WORD = re.compile(r"[^\W\d_]+|\d+", re.UNICODE)
@@ -82,7 +85,7 @@ def normalise(text: str) -> str:
 
 def caption_key(text: str) -> int:
     """64-bit key of the normalised caption: equal keys = exact duplicates."""
-    return xxhash.xxh3_64_intdigest(normalise(text).encode("utf-8"))
+    return text_hash(normalise(text))
 
 
 def proxy_token_count(text: str) -> int:
@@ -100,8 +103,6 @@ def token_counter(spec: str) -> Callable[[str], int]:
     """'proxy', or anything packing.tokenizer.load_tokenizer takes ('qwen', a local HF folder)."""
     if spec == "proxy":
         return proxy_token_count
-    from packing.tokenizer import load_tokenizer  # the packer's tokenizer: the same counts downstream
-
     tok = load_tokenizer(spec)
     return lambda text: len(tok.encode_text(text))
 

@@ -3,7 +3,7 @@ actor pool.
 
 Reads:  ingest output (``curation.ingest.INGEST_SCHEMA``; needs ``sample_id`` and the image
         reference ``image_uri`` / ``image_member`` / ``image_row``). Image bytes are fetched by
-        reference (``ovpipe.images.fetch_image_bytes``).
+        reference (``ovpipe.core.images.fetch_image_bytes``).
 Writes: ``OUT/<shard>.parquet``: the input row + ``embedding`` fixed_size_list<float16, D>
         (D = the model's embed dim: 1024 for MetaCLIP-H/14); ledger rows (stage ``embed``) for
         images that cannot be fetched or decoded (``image_not_found``, ``corrupt_image``, and
@@ -17,7 +17,7 @@ the PIL part (resize, crop, RGB) runs in CPU decode tasks, ToTensor + Normalize 
 How it runs (docs/architecture.md): pending input shards -> Ray Data ``from_items`` -> decode
 tasks (CPU; fetch + decode one shard, yield blocks of ``decode_rows`` images) -> ``EmbedActor``
 pool (GPU when the cluster has GPUs, CPU otherwise) -> the driver gathers each shard's rows and
-commits the shard (data, ledger, manifest entry last) with ``ovpipe.stage.commit_shard`` as soon
+commits the shard (data, ledger, manifest entry last) with ``ovpipe.core.stage.commit_shard`` as soon
 as its last row arrives. Every forward pass is padded to ``batch_size`` rows: with a fixed GEMM
 shape, an image's embedding on CPU is bit-identical whatever its batch-mates or the pool size.
 """
@@ -32,18 +32,23 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import xxhash
 from PIL import Image, ImageOps
 
-from ovpipe.config import Config, EmbedSection
-from ovpipe.images import BadImage, fetch_image_bytes, open_image, probe_image
-from ovpipe.ledger import Ledger
-from ovpipe.shards import read_table
-from ovpipe.stage import ShardOutput, ShardTask, commit_shard
+from curation.config import EmbedSection
+from ovpipe.core.images import BadImage, fetch_image_bytes, open_image, probe_image
+from ovpipe.core.executor import ensure_ray, uses_ray
+from ovpipe.core.ledger import Ledger
+from ovpipe.core.progress import Progress
+from ovpipe.core.shards import read_table
+from ovpipe.core.stage import PassContext, Shard, ShardOutput, ShardTask, SinglePassStage, commit_shard
+
+if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
+    from ovpipe.config import Config
 
 EMBEDDING = "embedding"
 REF_COLUMNS = ["sample_id", "image_uri", "image_member", "image_row"]
@@ -455,7 +460,7 @@ def assemble(task: ShardTask, rows: np.ndarray, reasons: np.ndarray, details: np
 # ------------------------------------------------------------------------------------ stage
 
 
-class EmbedStage:
+class EmbedStage(SinglePassStage):
     name = "embed"
     config_sections = ("embed",)
     schema_version = 1
@@ -471,9 +476,9 @@ class EmbedStage:
         self.__dict__.update(state)
         self._embedder = None
 
-    def prepare(self, shards, cfg: Config) -> dict[str, Any]:
+    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         """The model identity goes into the config hash: other weights = another output."""
-        return {"model": ModelSpec.from_config(cfg.embed).identity()}
+        return {"model": ModelSpec.from_config(ctx.cfg.embed).identity()}
 
     # In-process path (run.executor = "local"): same decode, same padded forward, same assembly.
     def process(self, task: ShardTask) -> ShardOutput:
@@ -487,8 +492,11 @@ class EmbedStage:
             raise RuntimeError(parts[0]["detail"][0])
         return _assemble_parts(task, [self._embedder.embed_block(p) for p in parts], self._embedder.dim)
 
-    def execute_on_ray(self, pending: list[ShardTask], cfg: Config, progress) -> dict[str, str]:
-        return run_embed_pipeline(pending, cfg, progress)
+    def execute(self, pending: list[ShardTask], ctx: PassContext, progress: Progress) -> dict[str, str]:
+        """On Ray: the Ray Data actor pool below; locally: one shard after another (process)."""
+        if not uses_ray(ctx.cfg):
+            return super().execute(pending, ctx, progress)
+        return run_embed_pipeline(self, pending, ctx.cfg, progress)
 
 
 def _assemble_parts(task: ShardTask, parts: list[dict[str, np.ndarray]], dim: int) -> ShardOutput:
@@ -533,13 +541,11 @@ class _Partial:
     received: int = 0
 
 
-def run_embed_pipeline(pending: list[ShardTask], cfg: Config, progress, timings: dict | None = None
-                       ) -> dict[str, str]:
+def run_embed_pipeline(stage: EmbedStage, pending: list[ShardTask], cfg: Config, progress,
+                       timings: dict | None = None) -> dict[str, str]:
     """Ray Data: decode tasks -> EmbedActor pool -> per-shard commits on the driver (in a small
     thread pool, so writing never stalls the stream). Returns {shard: error} for failed shards."""
     import ray
-
-    from ovpipe.raycluster import ensure_ray
 
     ensure_ray(cfg)
     quiet_ray_data()
@@ -567,7 +573,7 @@ def run_embed_pipeline(pending: list[ShardTask], cfg: Config, progress, timings:
                 if first_batch is None:
                     first_batch = time.monotonic()
                 done_at.append(batch["done_at"])
-                _gather(batch, pending, partial, failed, futures, writer, progress)
+                _gather(stage, batch, pending, partial, failed, futures, writer, progress)
                 _report(futures, pending, failed, progress, wait=False)
         except Exception as err:  # the pipeline itself broke (e.g. the model failed to load)
             for i, task in enumerate(pending):
@@ -602,7 +608,7 @@ def _report(futures: dict[int, Any], pending, failed, progress, wait: bool) -> N
             progress.update(1, 0)
 
 
-def _gather(batch, pending, partial, failed, futures, writer, progress) -> None:
+def _gather(stage, batch, pending, partial, failed, futures, writer, progress) -> None:
     dim = batch[EMBEDDING].shape[1]
     for shard_index in np.unique(batch["shard_index"]).tolist():
         sel = batch["shard_index"] == shard_index
@@ -620,4 +626,4 @@ def _gather(batch, pending, partial, failed, futures, writer, progress) -> None:
             parts = partial.pop(shard_index).parts
             task = pending[shard_index]
             futures[shard_index] = writer.submit(
-                lambda t=task, p=parts, d=dim: commit_shard(t, _assemble_parts(t, p, d)))
+                lambda t=task, p=parts, d=dim: commit_shard(stage, t, _assemble_parts(t, p, d)))

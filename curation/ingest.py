@@ -21,23 +21,26 @@ driver, so memory there grows with the number of duplicates, not of samples.
 
 from __future__ import annotations
 
-import posixpath
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import xxhash
 
 from curation.readers import list_ingest_shards, read_shard
-from ovpipe.config import Config, config_hash
-from ovpipe.images import BadImage, probe_image
-from ovpipe.ledger import Ledger
-from ovpipe.progress import Progress
-from ovpipe.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json, read_manifest_entries, shard_name_for
-from ovpipe.stage import ShardOutput, ShardTask, stage_config_payload
+from ovpipe.core.config import config_hash
+from ovpipe.core.images import BadImage, probe_image
+from ovpipe.core.executor import ensure_ray, uses_ray
+from ovpipe.core.ledger import Ledger
+from ovpipe.core.progress import Progress
+from ovpipe.core.shards import MANIFEST_DIR, STAGE_FILE, Location, default_source, read_json, read_manifest_entries
+from ovpipe.core.stage import (PassContext, Shard, ShardOutput, ShardTask, SinglePassStage, file_shards,
+                               pass_payload)
+
+if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
+    from ovpipe.config import Config
 
 INGEST_SCHEMA = pa.schema(
     [
@@ -66,15 +69,7 @@ _OCCURRENCE = np.dtype([("hash", "<u8"), ("prio", "u1"), ("shard", "<i4"), ("row
 _UNHASHED = -1  # the row of the one marker occurrence of a shard the dedup pass could not read
 
 
-def default_source(task: ShardTask) -> str:
-    """The first folder below the input root (the root's own name if none)."""
-    rel = posixpath.relpath(task.input.path, task.input_root.path)
-    is_dir = task.input.fs.get_file_info(task.input.path).type == pafs.FileType.Directory
-    folder = rel if is_dir and rel != "." else posixpath.dirname(rel)
-    return folder.split("/")[0] if folder else (task.input_root.name.removesuffix(".parquet") or "input")
-
-
-class IngestStage:
+class IngestStage(SinglePassStage):
     name = "ingest"
     config_sections = ("ingest",)
     schema_version = 2
@@ -84,21 +79,22 @@ class IngestStage:
         self._duplicates: dict[str, dict[int, str]] = {}  # shard name -> {row: pointer to winner}
         self._unhashed: set[str] = set()  # shards the dedup pass could not read
 
-    def list_shards(self, input_root: Location, cfg: Config) -> list[Location]:
-        return list_ingest_shards(input_root, cfg.ingest)
+    def list_shards(self, ctx: PassContext) -> list[Shard]:
+        return file_shards(ctx.input, list_ingest_shards(ctx.input, ctx.cfg.ingest))
 
     # ------------------------------------------------------------------ global dedup
 
-    def prepare(self, shards: list[Location], cfg: Config, input_root: Location,
-                output_root: Location) -> dict[str, Any]:
+    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         """Find every duplicate occurrence before any shard runs. Returns no digest: adding
         input shards must not invalidate the output (incremental runs)."""
         self._duplicates, self._unhashed = {}, set()
+        cfg = ctx.cfg
         if not cfg.ingest.dedup:
             return {}
         start = time.monotonic()
-        names = [shard_name_for(input_root, s) for s in shards]
-        committed = self._committed_outputs(cfg, output_root, set(names))
+        names = [s.name for s in shards]
+        shards = [s.input for s in shards]
+        committed = self._committed_outputs(cfg, ctx.output, set(names))
         jobs = [(committed.get(n, s), n in committed, i) for i, (s, n) in enumerate(zip(shards, names))]
         losers = _find_duplicates(jobs, cfg)
         self._unhashed = {names[shard] for shard, row, _, _ in losers.tolist() if row == _UNHASHED}
@@ -117,7 +113,7 @@ class IngestStage:
         header = out.join(MANIFEST_DIR, STAGE_FILE)
         if not header.exists():
             return {}
-        if read_json(header).get("config_hash") != config_hash(stage_config_payload(self, cfg)):
+        if read_json(header).get("config_hash") != config_hash(pass_payload(self, cfg)):
             return {}  # run_stage refuses this output anyway
         entries = read_manifest_entries(out)
         return {name: out.join(e["output"]) for name, e in entries.items() if name in names}
@@ -127,7 +123,7 @@ class IngestStage:
     def process(self, task: ShardTask) -> ShardOutput:
         cfg = task.config.ingest
         duplicates = self._duplicates.get(task.shard, {})
-        fixed_source = cfg.source or default_source(task)
+        fixed_source = cfg.source or default_source(task.input, task.input_root)
         uri = task.input.uri()
         ledger = Ledger(self.name)
         rows: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
@@ -239,7 +235,7 @@ def _winners_and_losers(occ: np.ndarray) -> np.ndarray:
 def _find_duplicates(jobs: list[tuple[Location, bool, int]], cfg: Config) -> np.ndarray:
     partitions = cfg.ingest.dedup_partitions
     progress = Progress("ingest:dedup", len(jobs), cfg.run.progress_interval_s)
-    if cfg.run.executor == "local":
+    if not uses_ray(cfg):
         maps = []
         for loc, committed, i in jobs:
             out = _hash_occurrences(loc, committed, i, cfg, partitions)
@@ -248,8 +244,6 @@ def _find_duplicates(jobs: list[tuple[Location, bool, int]], cfg: Config) -> np.
         result = [_losers(*[m[p] for m in maps]) for p in range(partitions)]
     else:
         import ray
-
-        from ovpipe.raycluster import ensure_ray
 
         ensure_ray(cfg)
         mapper = ray.remote(num_cpus=1, max_retries=3, num_returns=partitions)(_hash_occurrences)

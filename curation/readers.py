@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ovpipe.config import IngestSection
-from ovpipe.shards import Location
+from curation.config import IngestSection
+from ovpipe.core.shards import Location
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _TAR_IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)

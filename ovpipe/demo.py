@@ -10,7 +10,7 @@ from __future__ import annotations
 from ovpipe.config import Config
 from ovpipe.demo_data import make_demo_data
 from ovpipe.pipeline import run_pipeline
-from ovpipe.shards import Location
+from ovpipe.core.shards import Location
 
 
 def demo_config(cfg: Config) -> Config:

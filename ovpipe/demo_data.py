@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from ovpipe.shards import Location, write_table
+from ovpipe.core.shards import Location, write_table
 
 # (English, Chinese) names of colours and shapes that the synthetic images show.
 COLOURS = [

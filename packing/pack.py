@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from ovpipe.core.hashing import seeded_mix
+
 
 @dataclass
 class PackResult:
@@ -204,15 +206,6 @@ def _slot_positions(ops: np.ndarray, offsets: np.ndarray, with_pack: bool) -> tu
     return pos, (np.repeat(pair_pack, pair_q) if with_pack else None)
 
 
-def splitmix64(x: np.ndarray, seed: int) -> np.ndarray:
-    """A well-mixed 64-bit hash of (x, seed), vectorised."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64((0x9E3779B97F4A7C15 * (seed + 1)) & 0xFFFFFFFFFFFFFFFF)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 def pack_lengths(lengths: np.ndarray, capacity: int, *, max_items: int | None = None,
                  sample_hash: np.ndarray | None = None, seed: int = 0,
                  image_tokens: np.ndarray | None = None) -> PackResult:
@@ -235,7 +228,7 @@ def pack_lengths(lengths: np.ndarray, capacity: int, *, max_items: int | None = 
     pos, pack_by_len = _slot_positions(ops, offsets, with_pack=image_tokens is not None)
     del ops
     # Samples by (length, seeded hash): a stable order whatever the input order.
-    key = splitmix64(sample_hash if sample_hash is not None else np.arange(n, dtype=np.uint64), seed)
+    key = seeded_mix(sample_hash if sample_hash is not None else np.arange(n, dtype=np.uint64), seed)
     by_len = _order_by_length_then_key(lengths, key, capacity)
     del key
     if image_tokens is not None:

@@ -11,19 +11,24 @@ Reads (one format per input file, detected from its name and columns):
   (``image``/``images``: binary, Hugging Face {bytes, path} structs, or lists of them) or paths;
 * any Parquet with ``num_tokens`` (and ``sample_id``): lengths used as they are, nothing rendered.
 
-Writes (docs/data-contracts.md):
-* ``OUT/bucket-XXXXX.parquet``: one row per pack, PACK_SCHEMA (packing/schema.py), self-contained;
-* ``OUT/_manifest/bucket-XXXXX.json``: commit record of one bucket; ``_stage.json``, ``_summary.json``;
-* ``OUT/pack_stats.json`` + ``OUT/pack_stats.png``: counts, lower bound, fill, histograms;
-* ``OUT/_staged/``: pass 1's output (a run_stage output with its own manifest and the ledger of
-  dropped samples, stage ``pack``): per input shard a small index and ``_payload/<shard>.parquet``
-  with the rendered samples, one row group per bucket.
+Writes (docs/data-contracts.md), as ``PackStage``, two passes of ovpipe.core.stage.run_stage:
+* ``OUT/_staged/`` (pass ``pack``, ``PackPrepPass``; also the ledger's stage name): per input shard
+  ``<shard>.parquet`` (the index: INDEX_COLUMNS), ``_payload/<shard>.parquet`` (the rendered
+  samples, STAGED_SCHEMA, one row group per bucket = sample_hash mod B), ``_ledger/<shard>.parquet``
+  (the samples dropped: overlong, bad images, bad conversations, ...) and ``_manifest/``;
+* ``OUT/bucket-XXXXX.parquet`` (pass ``pack_buckets``, ``PackBucketPass``): one row per pack,
+  PACK_SCHEMA (packing/schema.py), self-contained; ``OUT/_manifest/bucket-XXXXX.json`` its
+  commit record (with the bucket's counts and histograms); ``OUT/_manifest/_summary.json`` the
+  stage's summary;
+* ``OUT/pack_stats.json`` (+ ``OUT/pack_stats.png`` with ``pack.plot``), the stage's report:
+  counts, lower bound, fill, histograms.
 
-How it runs: pass 1 is run_stage (one Ray task per input shard: render, measure, fetch images,
-ledger overlong and bad samples, write rows grouped by bucket = sample_hash mod B). Pass 2 is one
-Ray task per bucket: read that bucket's row group of every staged payload (sorted by shard name),
-pack from the length histogram (packing/pack.py), write the bucket's pack shard, then commit its
-manifest entry. Resume skips committed shards and buckets. Accounting: inputs = packed + ledgered.
+How it runs: pass 1 is one task per input shard (render, measure, fetch images, ledger overlong
+and bad samples, write rows grouped by bucket). Pass 2 is one task per bucket (a virtual shard
+whose stamp is a digest of the staged shards, so a bucket is redone when they change): read that
+bucket's row group of every staged payload (sorted by shard name), pack from the length histogram
+(packing/pack.py). run_stage commits, resumes and checks the accounting (inputs = packed +
+ledgered; every staged sample is read by pass 2).
 """
 
 from __future__ import annotations
@@ -31,9 +36,8 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import time
 from collections import Counter
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,28 +45,38 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
-from ovpipe.config import Config, config_hash
-from ovpipe.images import MAX_SOURCE_PIXELS, BadImage, fetch_image_bytes, probe_image
-from ovpipe.ledger import AccountingError, Ledger
-from ovpipe.shards import (
-    MANIFEST_DIR,
+from ovpipe.core.config import config_hash
+from ovpipe.core.hashing import text_hash
+from ovpipe.core.images import MAX_SOURCE_PIXELS, BadImage, fetch_image_bytes, probe_image
+from ovpipe.core.ledger import Ledger
+from ovpipe.core.shards import (
     PARQUET_WRITE_OPTIONS,
-    SUMMARY_FILE,
     Location,
-    read_json,
-    read_manifest_entries,
+    default_source,
     write_bytes_atomic,
     write_json,
-    write_table,
 )
-from ovpipe.stage import ShardOutput, ShardTask, StageSummary, open_output, run_stage
+from ovpipe.core.stage import (
+    Pass,
+    PassContext,
+    PassResult,
+    Shard,
+    ShardOutput,
+    ShardTask,
+    Stage,
+    StageSummary,
+)
 from packing import tokenizer as ptok
 from packing.pack import lower_bound, pack_lengths
 from packing.schema import PACK_SCHEMA, PACK_SCHEMA_VERSION
 
+if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
+    from ovpipe.config import Config
+
 STAGED_DIR = "_staged"
 PAYLOAD_DIR = "_payload"
 STATS_FILE = "pack_stats.json"
+PLOT_FILE = "pack_stats.png"
 HIST_BINS = 64  # length / fill histograms: max_len split into 64 equal bins
 
 STAGED_SCHEMA = pa.schema(
@@ -92,10 +106,6 @@ class SampleError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def _hash_id(sample_id: str) -> int:
-    return xxhash.xxh3_64_intdigest(sample_id.encode("utf-8"))
-
-
 # ------------------------------------------------------------------ readers
 # Each yields dicts: locator, sample_id, sample_hash, source, and either num_tokens (lengths only)
 # or conversations + images (bytes) + sizes ((h, w) before resize); or an "error" SampleError.
@@ -115,7 +125,7 @@ def _read_lengths(pf: pq.ParquetFile, uri: str, source: str) -> Iterator[dict]:
             rec = {"locator": f"{uri}#row={row}", "sample_id": sid, "num_tokens": d["num_tokens"][i],
                    "source": sources[i] or source}
             h = d["sample_hash"][i] if "sample_hash" in d else None
-            rec["sample_hash"] = h if h is not None else (_hash_id(sid) if sid else 0)
+            rec["sample_hash"] = h if h is not None else (text_hash(sid) if sid else 0)
             if not sid:
                 rec["error"] = SampleError("missing_sample_id", "sample_id is null or empty")
             yield rec
@@ -160,9 +170,9 @@ def _lengths_table(pf: pq.ParquetFile, uri: str, source: str, cfg, ledger: Ledge
     if "sample_hash" in names:
         hashes = t.column("sample_hash").fill_null(0).to_numpy().copy()
         for i in np.flatnonzero(np.asarray(t.column("sample_hash").is_null())).tolist():
-            hashes[i] = _hash_id(ids[i])
+            hashes[i] = text_hash(ids[i])
     else:
-        hashes = np.fromiter(map(_hash_id, ids), dtype=np.uint64, count=k)
+        hashes = np.fromiter(map(text_hash, ids), dtype=np.uint64, count=k)
     if "source" in names:
         src = t.column("source")
         named = pc.fill_null(pc.greater(pc.utf8_length(src), 0), False)
@@ -199,7 +209,7 @@ def _read_captions(pf: pq.ParquetFile, uri: str, source: str, cfg, filesystem) -
             sid, caption = d["sample_id"][i], d["caption"][i]
             prompt = cfg.caption_prompt_zh if d.get("language", [None] * len(images))[i] == "zh" else cfg.caption_prompt_en
             rec = {"locator": f"{uri}#row={row}", "sample_id": sid,
-                   "sample_hash": d["sample_hash"][i] if "sample_hash" in d else _hash_id(sid or ""),
+                   "sample_hash": d["sample_hash"][i] if "sample_hash" in d else text_hash(sid or ""),
                    "source": d["source"][i] if "source" in d and d["source"][i] else source,
                    "conversations": [{"from": "human", "value": "<image>\n" + prompt},
                                      {"from": "gpt", "value": caption}],
@@ -314,29 +324,29 @@ def _read_conversation_parquet(pf: pq.ParquetFile, task: ShardTask, cfg, source:
 # ------------------------------------------------------------------ pass 1
 
 
-class PackPrepStage:
-    """Pass 1 (run_stage): one input shard -> rendered samples grouped by bucket + ledger."""
+class PackPrepPass(Pass):
+    """Pass 1: one input shard -> its rendered samples grouped by bucket (the payload), their
+    index (the pass's data shard) and the ledger of the samples that cannot be packed."""
 
-    name = "pack"
+    name = "pack"  # also the ledger's stage
     config_sections = ("pack", "run")
     schema_version = 1
     input_suffixes = (".parquet", ".jsonl", ".json")
+    folder = STAGED_DIR
 
-    @staticmethod
-    def shard_files(shard: str) -> list[str]:
-        """Per-shard files besides data and ledger (deleted when the shard is retired)."""
+    def shard_files(self, shard: str) -> list[str]:
         return [f"{PAYLOAD_DIR}/{shard}.parquet"]
 
-    def prepare(self, shards: list[Location], cfg: Config) -> dict[str, Any]:
-        p = cfg.pack
+    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
+        """The tokenizer and chat template's identity: part of the config hash, so staged samples
+        rendered by another tokenizer are refused, not mixed in."""
+        p = ctx.cfg.pack
         tok = ptok.load_tokenizer(p.tokenizer)
         return ptok.template_identity(tok, p.min_pixels, p.max_pixels, p.loss_on, p.system_prompt)
 
     @staticmethod
     def _source(task: ShardTask) -> str:
-        from curation.ingest import default_source
-
-        return task.config.pack.source or default_source(task)
+        return task.config.pack.source or default_source(task.input, task.input_root)
 
     def _records(self, task: ShardTask) -> tuple[Any, str]:
         """(records, kind); for kind "lengths", the open ParquetFile (read as whole columns)."""
@@ -501,8 +511,7 @@ def _nested_offsets(col: pa.ChunkedArray, offsets: np.ndarray) -> tuple[pa.Array
     return arr.flatten(), inner[offsets]
 
 
-def build_packs(samples: pa.Table, order: np.ndarray, offsets: np.ndarray, bucket: int, seed: int,
-                row_group: int) -> pa.Table:
+def build_packs(samples: pa.Table, order: np.ndarray, offsets: np.ndarray, bucket: int, seed: int) -> pa.Table:
     """Pack rows (PACK_SCHEMA) from samples in pack order; packs sorted by pack_id."""
     t = samples.take(order)
     n_packs = len(offsets) - 1
@@ -541,109 +550,96 @@ def _hist(values: np.ndarray, max_len: int) -> list[int]:
     return np.histogram(values, bins=edges)[0].astype(int).tolist()
 
 
-def pack_bucket(bucket: int, payloads: list[Location], out: Location, cfg: Config, digest: str) -> dict:
-    """Pass 2 for one bucket: pack, write the bucket's shard, then commit its manifest entry."""
-    start = time.monotonic()
-    p = cfg.pack
-    samples = _read_bucket(payloads, bucket)
-    lens = np.asarray(samples.column("num_tokens"), dtype=np.int64)
-    img = np.asarray(samples.column("image_tokens"), dtype=np.int64)
-    res = pack_lengths(lens, p.max_len, max_items=p.max_samples_per_pack or None,
-                       sample_hash=np.asarray(samples.column("sample_hash")), seed=cfg.run.seed,
-                       image_tokens=img if p.spread_images and img.any() else None)
-    table = build_packs(samples, res.order, res.offsets, bucket, cfg.run.seed, p.packs_per_row_group)
-    name = f"bucket-{bucket:05d}"
-    sink = io.BytesIO()
-    opts = dict(PARQUET_WRITE_OPTIONS, row_group_size=p.packs_per_row_group)
-    pq.write_table(table, sink, **opts)
-    write_bytes_atomic(out.join(f"{name}.parquet"), sink.getvalue())
-    per_pack = np.diff(res.offsets)
-    entry = {
-        "shard": name, "bucket": bucket, "output": f"{name}.parquet", "ledger": None,
-        "input_rows": len(samples), "kept_rows": table.num_rows, "dropped_rows": 0, "dropped_by_reason": {},
-        "samples": len(samples), "packs": table.num_rows, "tokens": int(lens.sum()),
-        "truncated": int(np.asarray(samples.column("truncated")).sum()),
-        "max_pack_tokens": int(res.pack_tokens.max()) if len(per_pack) else 0,
-        "max_samples_in_pack": int(per_pack.max()) if len(per_pack) else 0,
-        "samples_per_pack": {str(k): int(v) for k, v in sorted(Counter(per_pack.tolist()).items())},
-        "length_hist": _hist(lens, p.max_len), "pack_tokens_hist": _hist(res.pack_tokens, p.max_len),
-        "config_hash": digest, "seconds": round(time.monotonic() - start, 3),
-    }
-    write_json(out.join(MANIFEST_DIR, f"{name}.json"), entry)  # the commit record, last
-    return entry
+def bucket_name(bucket: int) -> str:
+    return f"bucket-{bucket:05d}"
+
+
+def staged_digest(staged: dict[str, dict[str, Any]]) -> str:
+    """What pass 2 reads, as a digest of pass 1's committed entries (per staged shard: its kept
+    rows, config hash and input stamp): every bucket's stamp, so that a bucket is redone when a
+    staged shard is added, removed or redone."""
+    return config_hash({"staged": {k: (e["kept_rows"], e["config_hash"], e.get("input_stamp"))
+                                   for k, e in staged.items()}})
+
+
+class PackBucketPass(Pass):
+    """Pass 2: one virtual shard per bucket -> that bucket's packs (``OUT/bucket-XXXXX.parquet``)."""
+
+    name = "pack_buckets"
+    config_sections = ("pack", "run")  # pack.plot and run's execution fields are NOT_HASHED
+    schema_version = PACK_SCHEMA_VERSION
+    reads = PackPrepPass.name
+    folder = ""
+
+    def __init__(self) -> None:
+        self.payloads: list[Location] = []  # set by prepare: every staged payload, by shard name
+        self.row_group_size = PARQUET_WRITE_OPTIONS["row_group_size"]  # set by prepare: pack.packs_per_row_group
+
+    def list_shards(self, ctx: PassContext) -> list[Shard]:
+        stamp = staged_digest(ctx.done[self.reads].entries)
+        return [Shard(bucket_name(b), None, stamp, b) for b in range(ctx.cfg.pack.buckets)]
+
+    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
+        self.payloads = [ctx.input.join(PAYLOAD_DIR, f"{s}.parquet") for s in sorted(ctx.done[self.reads].entries)]
+        self.row_group_size = ctx.cfg.pack.packs_per_row_group
+        return {}
+
+    def process(self, task: ShardTask) -> ShardOutput:
+        cfg, bucket = task.config, task.index
+        p = cfg.pack
+        samples = _read_bucket(self.payloads, bucket)
+        lens = np.asarray(samples.column("num_tokens"), dtype=np.int64)
+        img = np.asarray(samples.column("image_tokens"), dtype=np.int64)
+        res = pack_lengths(lens, p.max_len, max_items=p.max_samples_per_pack or None,
+                           sample_hash=np.asarray(samples.column("sample_hash")), seed=cfg.run.seed,
+                           image_tokens=img if p.spread_images and img.any() else None)
+        table = build_packs(samples, res.order, res.offsets, bucket, cfg.run.seed)
+        per_pack = np.diff(res.offsets)
+        stats = {
+            "bucket": bucket, "samples": len(samples), "packs": table.num_rows, "tokens": int(lens.sum()),
+            "truncated": int(np.asarray(samples.column("truncated")).sum()),
+            "max_pack_tokens": int(res.pack_tokens.max()) if len(per_pack) else 0,
+            "max_samples_in_pack": int(per_pack.max()) if len(per_pack) else 0,
+            "samples_per_pack": {str(k): int(v) for k, v in sorted(Counter(per_pack.tolist()).items())},
+            "length_hist": _hist(lens, p.max_len), "pack_tokens_hist": _hist(res.pack_tokens, p.max_len),
+        }
+        # Every sample of the bucket is in exactly one pack: the table's rows are packs, not samples.
+        return ShardOutput(table, Ledger(self.name), input_rows=len(samples), kept_samples=len(samples),
+                           stats=stats)
+
+    def write_data(self, dest: Location, table: pa.Table) -> None:
+        """Row groups of ``pack.packs_per_row_group`` packs (the trainer reads a row group at a time)."""
+        sink = io.BytesIO()
+        pq.write_table(table, sink, **dict(PARQUET_WRITE_OPTIONS, row_group_size=self.row_group_size))
+        write_bytes_atomic(dest, sink.getvalue())
 
 
 # ------------------------------------------------------------------ the stage
 
 
-class PackRunner:
-    """What `ovpipe pack` runs: pass 1 into OUT/_staged (run_stage), pass 2 per bucket into OUT."""
+class PackStage(Stage):
+    """`ovpipe pack`: pass 1 into OUT/_staged, pass 2 per bucket into OUT, then pack_stats."""
 
     name = "pack"
 
-    def run(self, input: str, output: str, cfg: Config, *, filesystem=None, overwrite: bool = False,
-            quiet: bool = False) -> StageSummary:
-        start = time.monotonic()
-        out = Location.parse(output, filesystem)
-        prep = PackPrepStage()
-        identity = prep.prepare([], cfg)
-        prep._prepared_digest = identity
-        payload = {"stage": "pack", "schema_version": PACK_SCHEMA_VERSION,
-                   "input": Location.parse(input, filesystem).uri(),
-                   "config": {"pack": cfg.pack.model_dump(exclude={"plot"}), "seed": cfg.run.seed},
-                   "global_state": identity}
-        digest = config_hash(payload)
-        open_output(out, payload, digest, overwrite)
-        first = run_stage(prep, input, out.join(STAGED_DIR).path if filesystem else _join(output, STAGED_DIR),
-                          cfg, filesystem=filesystem, quiet=quiet)
-        staged = out.join(STAGED_DIR)
-        staged_entries = read_manifest_entries(staged)
-        payloads = [staged.join(PAYLOAD_DIR, f"{s}.parquet") for s in sorted(staged_entries)]
-        # A bucket is done only if packed from exactly these staged shards with this config.
-        bucket_digest = config_hash({"stage": digest, "staged": {k: (e["kept_rows"], e["config_hash"])
-                                                                  for k, e in staged_entries.items()}})
-        done = {k for k, v in read_manifest_entries(out).items() if v.get("config_hash") == bucket_digest}
-        todo = [b for b in range(cfg.pack.buckets) if f"bucket-{b:05d}" not in done]
-        if todo:
-            self._execute(todo, payloads, out, cfg, bucket_digest, quiet)
-        entries = read_manifest_entries(out)
-        entries = {k: v for k, v in entries.items() if k.startswith("bucket-")}
-        stats = pack_stats(entries, first, cfg)
-        write_json(out.join(STATS_FILE), stats)
+    def passes(self) -> list[Pass]:
+        return [PackPrepPass(), PackBucketPass()]
+
+    def report(self, out: Location, cfg: Config, summary: StageSummary, results: dict[str, PassResult]) -> list[str]:
+        stats = pack_stats(results[PackBucketPass.name].entries, results[PackPrepPass.name].summary, cfg)
+        dest = out.join(STATS_FILE)
+        write_json(dest, stats)
+        written = [dest.uri()]
         if cfg.pack.plot:
-            plot_stats(stats, out.join("pack_stats.png"))
-        packed = sum(e["samples"] for e in entries.values())
-        if packed != first.kept_rows or first.input_rows != first.kept_rows + first.dropped_rows:
-            raise AccountingError(f"pack: {first.input_rows} input samples, {first.kept_rows} staged, "
-                                  f"{packed} packed, {first.dropped_rows} ledgered: they must add up")
-        summary = StageSummary(
-            stage="pack", output=out.uri(), config_hash=digest, shards=len(entries),
-            shards_skipped=cfg.pack.buckets - len(todo), input_rows=first.input_rows, kept_rows=packed,
-            dropped_rows=first.dropped_rows, dropped_by_reason=first.dropped_by_reason,
-            seconds=round(time.monotonic() - start, 3))
-        write_json(out.join(MANIFEST_DIR, SUMMARY_FILE), summary.to_json())
-        return summary
-
-    @staticmethod
-    def _execute(todo: list[int], payloads: list[Location], out: Location, cfg: Config, digest: str,
-                 quiet: bool) -> None:
-        if cfg.run.executor == "local":
-            for b in todo:
-                pack_bucket(b, payloads, out, cfg, digest)
-            return
-        from ovpipe.raycluster import spread_tasks
-
-        # a failed bucket raises here; committed buckets stay committed
-        for _ in spread_tasks(pack_bucket, [(b, payloads, out, cfg, digest) for b in todo], cfg):
-            pass
-
-
-def _join(output: str, name: str) -> str:
-    return output.rstrip("/") + "/" + name
+            png = out.join(PLOT_FILE)
+            plot_stats(stats, png)
+            written.append(png.uri())
+        return written
 
 
 def pack_stats(entries: dict[str, dict], first: StageSummary, cfg: Config) -> dict[str, Any]:
-    """Totals over buckets: the figures pack_stats.json reports."""
+    """Totals over the buckets' manifest entries (``first``: pass 1's summary, for the ledger):
+    the figures pack_stats.json reports."""
     max_len = cfg.pack.max_len
     samples = sum(e["samples"] for e in entries.values())
     packs = sum(e["packs"] for e in entries.values())
@@ -694,7 +690,3 @@ def plot_stats(stats: dict[str, Any], dest: Location) -> None:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     write_bytes_atomic(dest, buf.getvalue())
-
-
-def run_pack(input: str, output: str, cfg: Config, **kw: Any) -> StageSummary:
-    return PackRunner().run(input, output, cfg, **kw)

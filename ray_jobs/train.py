@@ -7,6 +7,8 @@ torch.distributed group (NCCL on GPU, gloo on CPU) and runs the same ``train()``
 ``torchrun -m trainer.train``: same packed-shard reader, same checkpoints. RUN_DIR must be a path
 every worker sees (a shared filesystem); the checkpoints there are ordinary trainer checkpoints,
 so a run started here resumes with `ovpipe train` and the other way round (at any world size).
+The training phase is a config key: `--set train.phase=1.5` (`train.stage`, its old name, is still
+accepted). One phase per job, into RUN_DIR itself (trainer/launch.py is the torchrun path).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from __future__ import annotations
 import os
 import sys
 
+from ovpipe import registry
+from ovpipe.cli import stage_overrides, stage_parser
+from ovpipe.config import load_config
+from ovpipe.core.executor import ensure_ray
 from trainer.train import KILL_ENV
 
 
@@ -27,22 +33,18 @@ def _loop(config: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ovpipe.config import load_config
-    from trainer.train import arg_parser
-
-    ap = arg_parser(prog="python -m ray_jobs.train")
+    """The train stage's arguments from the registry (as `ovpipe train`), plus Ray Train's own."""
+    ap = stage_parser("train", prog="python -m ray_jobs.train")
     ap.add_argument("--num-workers", type=int, default=0,
                     help="Ray Train workers; 0 = train.nproc_per_node, else one per GPU, else 1")
     ap.add_argument("--use-gpu", action="store_true", help="GPU workers (implied when the cluster has GPUs)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, stage_overrides(args, registry.entry("train")))
 
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from ovpipe.raycluster import ensure_ray
 
     ensure_ray(cfg)
     gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -1,5 +1,7 @@
-"""Shared fixtures: one local Ray cluster per test session (Ray start-up costs seconds), and
-small seeded demo inputs."""
+"""Shared fixtures: one local Ray cluster per test session (Ray start-up costs seconds), and one
+session-wide chain of stage outputs on small seeded demo data, built once and read by every test
+module that needs it (demo_raw -> demo_ingested -> demo_embedded). Tests read these folders and
+never write into them. Plain helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -31,6 +33,32 @@ def demo_raw(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("demo_raw")
     make_demo_data(str(out), n=90, seed=1, rows_per_shard=10)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_ingested(ray_address, demo_raw, tmp_path_factory) -> Path:
+    """demo_raw through the ingest stage (default config, on the session's Ray)."""
+    from curation.ingest import IngestStage
+    from ovpipe.config import load_config
+    from ovpipe.core.stage import run_stage
+
+    out = tmp_path_factory.mktemp("chain") / "ingest"
+    run_stage(IngestStage(), str(demo_raw), str(out), load_config(), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_embedded(demo_ingested) -> Path:
+    """demo_ingested through the embed stage: the tiny seeded model, in-process (fast)."""
+    from curation.embed import EmbedStage
+    from ovpipe.config import load_config
+    from ovpipe.core.stage import run_stage
+    from tests.helpers import TINY_EMBED
+
+    out = demo_ingested.parent / "embed"
+    run_stage(EmbedStage(), str(demo_ingested), str(out), load_config(overrides=TINY_EMBED + ["run.executor=local"]),
+              quiet=True)
     return out
 
 

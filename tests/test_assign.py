@@ -10,11 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.assign import CONCEPT_IDS, CONCEPT_SCORES, AssignStage, Searcher
-from curation.ingest import IngestStage
 from ovpipe.config import load_config
-from ovpipe.stage import run_stage
+from ovpipe.core.stage import run_stage
 
-TINY = ["embed.model=ovpipe-tiny-clip", "embed.pretrained=random", "embed.batch_size=8"]
+from tests.helpers import TINY_EMBED as TINY
 
 
 def unit(rng, n, d):
@@ -67,15 +66,9 @@ def test_auto_backend_and_k_larger_than_vocabulary(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def embedded(ray_address, demo_raw, tmp_path_factory) -> Path:
-    """Demo shards, ingested and embedded in-process (fast), plus a shard with a bad embedding."""
-    from curation.embed import EmbedStage
-
-    root = tmp_path_factory.mktemp("assign")
-    run_stage(IngestStage(), str(demo_raw), str(root / "ingest"), load_config(), quiet=True)
-    cfg = load_config(overrides=TINY + ["run.executor=local"])
-    run_stage(EmbedStage(), str(root / "ingest"), str(root / "embed"), cfg, quiet=True)
-    return root / "embed"
+def embedded(demo_embedded) -> Path:
+    """The session's demo shards, ingested and embedded by the tiny model."""
+    return demo_embedded
 
 
 def assign(inp, out, cache, *overrides, **kw):

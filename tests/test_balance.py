@@ -1,5 +1,6 @@
 """Balance stage: exact N, invariance to sharding / workers, inclusion probabilities against an
-exact enumeration, MetaCLIP's formula, flatter concept distribution, report files, bad input."""
+exact enumeration, MetaCLIP's formula, flatter concept distribution, report files, bad input,
+resume of the counts pass after a crash."""
 
 import io
 import itertools
@@ -16,18 +17,12 @@ import pytest
 import xxhash
 from PIL import Image
 
-from curation.balance import (
-    BalanceStage,
-    ConceptLists,
-    neg_log,
-    one_minus_exp_neg,
-    select,
-    uniforms,
-)
+from curation.balance import BalanceCountsPass, BalanceSelectPass, BalanceStage
+from curation.balance_core import ConceptLists, neg_log, one_minus_exp_neg, select, uniforms
 from curation.ingest import IngestStage
 from ovpipe.config import load_config
-from ovpipe.stage import OutputConflict, run_stage
-from tests.conftest import python_exe, subprocess_env
+from ovpipe.core.stage import OutputConflict, run_stage
+from tests.conftest import committed_shards, python_exe, subprocess_env
 
 
 # ---------------------------------------------------------------- test data
@@ -63,7 +58,8 @@ def write_shards(folder: Path, table: pa.Table, sizes: list[int], nested: bool =
 
 def balance(inp, out, *overrides, **kw):
     stage = BalanceStage()
-    summary = stage.run(str(inp), str(out), load_config(overrides=list(overrides)), quiet=True, **kw)
+    kw.setdefault("quiet", True)
+    summary = run_stage(stage, str(inp), str(out), load_config(overrides=list(overrides)), **kw)
     return stage, summary
 
 
@@ -138,12 +134,12 @@ def test_different_seed_gives_different_selection(ray_address, zipf_table, tmp_p
     with pytest.raises(OutputConflict, match=r"run\.seed: 0 -> 1"):  # config change is refused
         balance(inp, tmp_path / "s0", "balance.fraction=0.5", "run.seed=1")
     _, again = balance(inp, tmp_path / "s0", "balance.fraction=0.5", "run.seed=0")  # resume: nothing to redo
-    assert again.shards_skipped == 2 and again.kept_rows == 600
+    assert again.shards_skipped == again.shards > 0 and again.kept_rows == 600
 
 
-def test_zipf_selection_is_flatter_and_report_files(ray_address, zipf_table, tmp_path):
+def test_zipf_selection_is_flatter_and_report_files(ray_address, zipf_table, tmp_path, capsys):
     inp = write_shards(tmp_path / "in", zipf_table, [600, 600])
-    stage, _ = balance(inp, tmp_path / "out", "balance.fraction=0.25")
+    balance(inp, tmp_path / "out", "balance.fraction=0.25", quiet=False)
     rep_dir = tmp_path / "out" / "_report"
     report = json.loads((rep_dir / "balance_report.json").read_text())
     before, after = report["concepts_before"], report["concepts_after"]
@@ -163,7 +159,8 @@ def test_zipf_selection_is_flatter_and_report_files(ray_address, zipf_table, tmp
     # no image references in this input: no contact sheet, and the report says why
     assert not (rep_dir / "contact_sheet.png").exists()
     assert report["contact_sheet"]["written"] is False
-    assert str(rep_dir / "balance_report.json") in stage.report_paths
+    printed = capsys.readouterr()
+    assert f"balance report: {rep_dir / 'balance_report.json'}" in printed.out + printed.err  # run_stage lists them
 
 
 def test_demo_images_contact_sheet_and_ray_job(ray_address, demo_raw, tmp_path):
@@ -180,11 +177,11 @@ def test_demo_images_contact_sheet_and_ray_job(ray_address, demo_raw, tmp_path):
         pq.write_table(t, assign / p.name)
     proc = subprocess.run(
         [python_exe(), "-m", "ray_jobs.balance", "--input", str(assign), "--output", str(tmp_path / "bal"),
-         "--fraction", "0.5", "--seed", "3", "--quiet"],
+         "--fraction", "0.5", "--seed", "3"],
         env=subprocess_env(ray_address), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert f"balance report: {tmp_path / 'bal' / '_report' / 'contact_sheet.png'}" in proc.stdout
+    assert f"balance report: {tmp_path / 'bal' / '_report' / 'contact_sheet.png'}" in proc.stdout + proc.stderr
     report = json.loads((tmp_path / "bal" / "_report" / "balance_report.json").read_text())
     assert report["selected_rows"] == 45 and report["contact_sheet"]["images_shown"] > 0
     assert set(report["sources_after"]) <= {"coyo", "datacomp", "laion_cn"}
@@ -307,9 +304,9 @@ def test_malformed_rows_are_ledgered_and_missing_columns_refused(ray_address, tm
     assert "#row=" in led["locator"][0].as_py() and set(led["stage"].to_pylist()) == {"balance"}
     # a shard without concept_ids: a clear error naming the shard and what to do
     pq.write_table(pa.table({"sample_id": ["00000000000000af"]}), tmp_path / "in" / "zz-no-concepts.parquet")
-    with pytest.raises(ValueError, match=r"zz-no-concepts\.parquet.*no column\(s\) \['concept_ids'\].*ovpipe assign"):
+    with pytest.raises(RuntimeError, match=r"zz-no-concepts\.parquet.*no column\(s\) \['concept_ids'\].*ovpipe assign"):
         balance(tmp_path / "in", tmp_path / "out2", "balance.fraction=0.5")
-    # size options checked before any work
+    # size options checked before any work (the counts pass's prepare, before its first shard)
     with pytest.raises(ValueError, match=re.escape("exactly one of --target | --fraction")):
         balance(tmp_path / "in", tmp_path / "out3")
     with pytest.raises(ValueError, match="threshold does not apply"):
@@ -341,3 +338,57 @@ def test_null_sources_from_foreign_inputs_do_not_break_the_counts(ray_address, t
                                             "source": sources}), [20, 20])
     _, summary = balance(tmp_path / "in", tmp_path / "out", "balance.fraction=0.5", "balance.num_concepts=10")
     assert summary.kept_rows == 20 and summary.input_rows == 40
+
+
+# ---------------------------------------------------------------- resume
+
+def test_rerun_after_a_crash_resumes_the_counts_pass(zipf_table, tmp_path, monkeypatch):
+    """A shard that fails (a crash) leaves the other shards' counts committed; the re-run counts only
+    what is missing, and the final output is byte for byte an uninterrupted run's."""
+    inp = write_shards(tmp_path / "in", zipf_table, [400, 300, 500])
+    args = ("balance.fraction=0.3", "run.executor=local")
+    out, counts = tmp_path / "out", tmp_path / "out" / "_counts"
+    counted = []
+    real_count = BalanceCountsPass.process
+
+    def count_but_crash_on_001(self, task):
+        counted.append(task.shard)
+        if task.shard == "shard-001":
+            raise RuntimeError("worker died")
+        return real_count(self, task)
+
+    def select_crash(self, task):
+        raise RuntimeError("worker died")
+
+    with monkeypatch.context() as m:
+        m.setattr(BalanceCountsPass, "process", count_but_crash_on_001)
+        with pytest.raises(RuntimeError, match="balance_counts: 1 of 3 shards failed"):
+            balance(inp, out, *args)
+        assert committed_shards(counts / "_manifest") == {"shard-000", "shard-002"}
+        # second run: only the missing shard is counted; then the selection crashes on every shard
+        counted.clear()
+        m.setattr(BalanceSelectPass, "process", select_crash)
+        m.setattr(BalanceCountsPass, "process", lambda self, task: counted.append(task.shard) or real_count(self, task))
+        with pytest.raises(RuntimeError, match="balance: 3 of 3 shards failed"):
+            balance(inp, out, *args)
+    assert counted == ["shard-001"]
+    summary = json.loads((counts / "_manifest" / "_summary.json").read_text())
+    assert (summary["shards"], summary["shards_skipped"]) == (3, 2)
+    assert committed_shards(out / "_manifest") == set() and not list(out.glob("*.parquet"))
+    written = {p.name: p.stat().st_mtime_ns for p in counts.glob("*.parquet")}
+    # third run: every count is committed and reused, the selection completes
+    _, final = balance(inp, out, *args)
+    summary = json.loads((counts / "_manifest" / "_summary.json").read_text())
+    assert (summary["shards"], summary["shards_skipped"], summary["input_rows"]) == (3, 3, 1200)
+    assert {p.name: p.stat().st_mtime_ns for p in counts.glob("*.parquet")} == written
+    assert (final.input_rows, final.kept_rows) == (1200, 360)  # counts rows are not samples
+    assert committed_shards(out / "_manifest") == committed_shards(counts / "_manifest")
+    # the counts: one row per concept of the shard, summing to every concept occurrence
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(counts.glob("*.parquet"))])
+    assert table.schema.names == ["concept_id", "count"] and sum(table["count"].to_pylist()) == 1200 * 5
+    entry = json.loads((counts / "_manifest" / "shard-000.json").read_text())
+    assert entry["usable_rows"] == 400 and entry["unusable_by_reason"] == {} and sum(entry["sources"].values()) == 400
+    # same bytes as a run that never crashed
+    balance(inp, tmp_path / "clean", *args)
+    files = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*.parquet")}  # noqa: E731
+    assert files(out) == files(tmp_path / "clean") and len(files(out)) == 3 + 3 + 3  # data, ledgers, counts

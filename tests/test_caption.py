@@ -1,6 +1,7 @@
 """The caption stage end to end: a real chat-completions server on 127.0.0.1 (latency, errors,
 timeouts, malformed and oversized replies, death and return), real Parquet, a real local Ray."""
 
+import json
 import re
 import threading
 import time
@@ -12,30 +13,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.caption import (
-    CaptionRunner,
+    CaptionStage,
     MissingBackend,
     choose_languages,
     concept_caption,
-    run_caption,
 )
 from curation.caption_filter import CJK
-from curation.ingest import IngestStage
 from ovpipe.config import load_config
-from ovpipe.ledger import read_ledger
-from ovpipe.shards import Location
-from ovpipe.stage import OutputConflict, run_stage
+from ovpipe.core.ledger import read_ledger
+from ovpipe.core.shards import Location, read_manifest_entries
+from ovpipe.core.stage import OutputConflict, run_stage
 from ovpipe.testing.chat_server import ChatServer, default_reply
 from tests.conftest import python_exe, sigkill_after_commits, subprocess_env
-from tests.test_caption_filter import LONG_EN, LONG_ZH
+from tests.helpers import LONG_EN, LONG_ZH
 
 FAST_RETRIES = ["caption.backoff_base_s=0.02", "caption.backoff_max_s=0.2"]
 
 
 @pytest.fixture(scope="module")
-def ingested(ray_address, demo_raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("caption_in") / "ingest"
-    run_stage(IngestStage(), str(demo_raw), str(out), load_config(), quiet=True)
-    return out
+def ingested(demo_ingested) -> Path:
+    return demo_ingested
 
 
 def openai_overrides(server: ChatServer, *extra: str) -> list[str]:
@@ -44,7 +41,7 @@ def openai_overrides(server: ChatServer, *extra: str) -> list[str]:
 
 
 def caption(inp, out, overrides, **kw):
-    return run_caption(str(inp), str(out), load_config(overrides=list(overrides)), quiet=True, **kw)
+    return run_stage(CaptionStage(), str(inp), str(out), load_config(overrides=list(overrides)), quiet=True, **kw)
 
 
 def kept(out: Path) -> pa.Table:
@@ -59,6 +56,15 @@ def data_files(out: Path) -> dict[str, bytes]:
 
 def input_ids(inp: Path) -> list[str]:
     return pa.concat_tables([pq.read_table(p) for p in sorted(inp.glob("*.parquet"))])["sample_id"].to_pylist()
+
+
+def pass1_summary(out: Path) -> dict:
+    return json.loads((out / "_captions" / "_manifest" / "_summary.json").read_text())
+
+
+def pass1_entries(out: Path) -> dict:
+    return {k: {f: v for f, v in e.items() if f not in ("seconds", "node")}
+            for k, e in read_manifest_entries(Location.parse(str(out / "_captions"))).items()}
 
 
 def test_every_sample_ends_captioned_or_ledgered_despite_a_misbehaving_server(ingested, tmp_path):
@@ -244,7 +250,7 @@ def test_sigkill_mid_stage_then_resume_recaptions_nothing_finished(ray_address, 
         resumed = caption(ingested, out, overrides)
         asked = set(server.stats.per_sample)
     finished = {s for name in committed for s in pq.read_table(ingested / f"{name}.parquet")["sample_id"].to_pylist()}
-    assert resumed.shards_skipped == len(committed)
+    assert pass1_summary(out)["shards_skipped"] == len(committed)
     assert asked and not asked & finished  # finished samples were not captioned again
     assert len(asked) == resumed.input_rows - len(finished)
     assert data_files(out) == data_files(tmp_path / "ref")
@@ -252,16 +258,31 @@ def test_sigkill_mid_stage_then_resume_recaptions_nothing_finished(ray_address, 
 
 
 def test_dedup_setting_change_is_refused_then_overwrite_keeps_the_captions(ingested, tmp_path):
+    out = tmp_path / "o"
     with ChatServer() as server:
-        caption(ingested, tmp_path / "o", openai_overrides(server))
+        caption(ingested, out, openai_overrides(server))
+        # the dedup pass writes its loser lists under its own output, never into pass 1's folder
+        shards = sorted(p.stem for p in ingested.glob("*.parquet"))
+        assert sorted(p.stem for p in (out / "_dedup").glob("*.parquet")) == shards
+        assert not (out / "_captions" / "_dedup").exists()
+        captions = pass1_entries(out)
+        stamps = {p.name: p.stat().st_mtime_ns for p in (out / "_captions").glob("*.parquet")}
         with pytest.raises(OutputConflict):
-            caption(ingested, tmp_path / "o", openai_overrides(server, "caption.near_dup_threshold=0.5"))
+            caption(ingested, out, openai_overrides(server, "caption.near_dup_threshold=0.5"))
         server.reset_stats()
-        summary = caption(ingested, tmp_path / "o", openai_overrides(server, "caption.near_dup_threshold=0.5"),
+        summary = caption(ingested, out, openai_overrides(server, "caption.near_dup_threshold=0.5"),
                           overwrite=True)
-        assert server.stats.requests == 0 and summary.shards_skipped == summary.shards
-        caption(ingested, tmp_path / "o", openai_overrides(server, "caption.prompt_version='v2'"), overwrite=True)
+        assert server.stats.requests == 0
+        first = pass1_summary(out)
+        assert first["shards_skipped"] == first["shards"] and summary.shards == 2 * first["shards"]  # both passes
+        # pass 1's committed captions are untouched: same manifest entries, same files
+        assert pass1_entries(out) == captions
+        assert {p.name: p.stat().st_mtime_ns for p in (out / "_captions").glob("*.parquet")} == stamps
+        assert sorted(p.stem for p in (out / "_dedup").glob("*.parquet")) == shards
+        assert summary.input_rows == summary.kept_rows + summary.dropped_rows == len(input_ids(ingested))
+        caption(ingested, out, openai_overrides(server, "caption.prompt_version='v2'"), overwrite=True)
         assert server.stats.requests == summary.input_rows  # a changed prompt does recaption
+        assert pass1_entries(out) != captions
 
 
 VOCAB = [("red circle", "红色圆形"), ("apple", "苹果"), ("dog", "狗"), ("grass", "草地"), ("blue sky", "蓝天")]
@@ -375,11 +396,35 @@ def test_vllm_backend_without_vllm_gives_a_clear_message(ingested, tmp_path):
         caption(ingested, tmp_path / "o", ['caption.backend="vllm"', 'caption.model="Qwen/Qwen2.5-VL-7B-Instruct"'])
 
 
+def test_vllm_backend_runs_its_shards_one_at_a_time_in_this_process(ray_address, ingested, tmp_path, monkeypatch):
+    """The vLLM engine actors are the parallelism: the caption pass must not fan shards out as Ray
+    tasks (a fake engine patched into this process would not be seen by them)."""
+    import os
+
+    import curation.caption as cap
+
+    calls = []
+
+    def fake_vllm(sample_ids, images, languages, c, seed):
+        calls.append((os.getpid(), len(sample_ids)))
+        return [cap.Answer(f"一张编号为{s}的照片，白色背景上有一个红色圆形。" if lang == "zh" else
+                           f"A plain photo numbered {s} showing a red circle on a white background.")
+                for s, lang in zip(sample_ids, languages)]
+
+    monkeypatch.setattr(cap, "caption_vllm", fake_vllm)
+    summary = caption(ingested, tmp_path / "o", ['caption.backend="vllm"', 'caption.model="fake-vl"'])
+    shards = sorted(ingested.glob("*.parquet"))
+    assert [pid for pid, n in calls if n] == [os.getpid()] * len(shards)  # (n = 0: prepare's probe)
+    assert sum(n for _, n in calls) == summary.input_rows == len(input_ids(ingested))
+    assert summary.input_rows == summary.kept_rows + summary.dropped_rows
+    assert set(summary.dropped_by_reason) <= {"duplicate_caption", "near_duplicate_caption"}
+
+
 def test_foreign_output_folder_is_refused(ingested, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
-    with pytest.raises(OutputConflict, match="not an ovpipe caption output"):
-        CaptionRunner().run(str(ingested), str(tmp_path / "o"), load_config(), overwrite=True, quiet=True)
+    with pytest.raises(OutputConflict, match="not an ovpipe stage output"):
+        run_stage(CaptionStage(), str(ingested), str(tmp_path / "o"), load_config(), overwrite=True, quiet=True)
     assert (tmp_path / "o" / "notes.txt").exists()
 
 

@@ -20,18 +20,10 @@ from curation.caption_filter import (
     proxy_token_count,
     winner_rank,
 )
-from ovpipe.config import CaptionSection
+from curation.config import CaptionSection
+from tests.helpers import LONG_EN, LONG_ZH
 
 RULES = FilterRules(max_caption_tokens=150)
-LONG_EN = " ".join(f"object{i} stands near item{i}" for i in range(120))
-LONG_ZH = (  # ordinary descriptive prose, about 330 characters
-    "这张照片拍摄于一个阳光明媚的下午，画面中央是一座古老的石桥，桥身由灰白色的花岗岩砌成，表面布满了青苔和岁月留下的裂纹。"
-    "桥下的河水清澈见底，几条红色的鲤鱼在水草之间缓缓游动，水面倒映着蓝天和白云。河岸左侧种着一排高大的垂柳，细长的枝条随风摆动，"
-    "几乎触碰到水面。右侧是一条用鹅卵石铺成的小路，路边摆放着三张木制长椅，其中一张上坐着一位戴草帽的老人，他正低头翻看一本旧书。"
-    "远处可以看到几栋白墙黑瓦的传统民居，屋檐下挂着红灯笼，门前晾晒着五颜六色的衣物。天空中有两只燕子掠过，"
-    "整个场景显得宁静而富有生活气息。照片的右下角有一块褪色的木牌，上面用毛笔写着“古桥”两个字，字迹已经有些模糊。"
-    "画面的色调温暖，光线从左上方照射下来，在桥面和石阶上投下了清晰的阴影，使整体构图层次分明，富有立体感和历史的厚重感。"
-)
 
 CASES = [
     # (caption, finish_reason, language asked, expected reason or None)

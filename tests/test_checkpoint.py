@@ -16,13 +16,13 @@ import torch
 
 from packing import tokenizer as ptok
 from tests.conftest import subprocess_env
-from tests.test_collate import write_test_packs
+from tests.helpers import write_test_packs
 from trainer.train import KILL_ENV
 
 
 @pytest.fixture(scope="module")
 def init_export(tmp_path_factory):
-    """A stage-1.5 starting point without running stage 1: a tiny seeded model's export."""
+    """A phase-1.5 starting point without running phase 1: a tiny seeded model's export."""
     from trainer.export import export_model
     from trainer.model import build_model, tiny_llm_config, tiny_vision_config
 
@@ -44,7 +44,7 @@ def torchrun(nproc: int, packs, run_dir, init, *sets: str, kill_after: int | Non
     env.pop(KILL_ENV, None)
     if kill_after is not None:
         env[KILL_ENV] = str(kill_after)
-    base = ["train.stage=2", f'train.init_from="{init}"', "train.steps=6", "train.lr=0.001", "train.checkpoint_interval=2",
+    base = ["train.phase=2", f'train.init_from="{init}"', "train.steps=6", "train.lr=0.001", "train.checkpoint_interval=2",
             "train.keep_checkpoints=5", "train.export=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "trainer.train", "--input", str(packs), "--output", str(run_dir)]

@@ -10,102 +10,15 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from packing import tokenizer as ptok
-from packing.schema import PACK_SCHEMA
+from tests.helpers import demo_samples, pack_rows, png, write_test_packs
 from trainer.collate import PackCollator, PackMismatchError, decode_image, patchify
-
-MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 24  # small images keep tests fast
-
-
-def _png(seed: int, w: int, h: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def demo_samples() -> list[dict]:
-    """Caption samples (stage 1 / 1.5 shape) and multi-turn instruction samples (stage 2 shape)."""
-    return [
-        {"id": "s-cap-1", "source": "coyo", "images": [_png(1, 90, 60)],
-         "conv": [{"from": "human", "value": "<image>\nDescribe the image."},
-                  {"from": "gpt", "value": "A red bicycle leaning against a brick wall."}]},
-        {"id": "s-text", "source": "text", "images": [],
-         "conv": [{"from": "human", "value": "What is 12 + 30?"},
-                  {"from": "gpt", "value": "12 + 30 = 42."}]},
-        {"id": "s-zh", "source": "laion-cn", "images": [_png(2, 50, 120)],
-         "conv": [{"from": "human", "value": "<image>\n请描述这张图片。"},
-                  {"from": "gpt", "value": "一只猫坐在窗台上，阳光照进来。"}]},
-        {"id": "s-multi", "source": "sft", "images": [_png(3, 64, 64), _png(4, 140, 70)],
-         "conv": [{"from": "system", "value": "You are a careful assistant."},
-                  {"from": "human", "value": "Compare <image> and <image>."},
-                  {"from": "gpt", "value": "The first is square, the second is wide."},
-                  {"from": "human", "value": "Which is larger?"},
-                  {"from": "gpt", "value": "The second one.\nIt has more pixels."}]},
-        {"id": "s-tricky", "source": "coyo", "images": [_png(5, 200, 30)],
-         "conv": [{"from": "human", "value": "<image>"},
-                  {"from": "gpt", "value": "Text that mentions <|im_end|> and  spaces\n\nand lines."}]},
-    ]
-
-
-def pack_rows(groups: list[list[dict]], tok, loss_on: str = "assistant") -> list[dict]:
-    rows = []
-    for g, samples in enumerate(groups):
-        row = {k: [] for k in ("sample_ids", "sample_lens", "input_ids", "loss_mask", "images", "image_hw",
-                               "image_sample", "sources", "conversations")}
-        for i, s in enumerate(samples):
-            hws = []
-            for data in s["images"]:
-                with Image.open(io.BytesIO(data)) as im:
-                    w, h = im.size
-                hws.append(list(ptok.smart_resize(h, w, MIN_PIXELS, MAX_PIXELS)))
-            r = ptok.render_sample(s["conv"], hws, tok, loss_on=loss_on)
-            row["sample_ids"].append(s["id"])
-            row["sample_lens"].append(len(r.input_ids))
-            row["input_ids"] += r.input_ids
-            row["loss_mask"] += r.loss_mask
-            row["images"] += s["images"]
-            row["image_hw"] += hws
-            row["image_sample"] += [i] * len(hws)
-            row["sources"].append(s["source"])
-            row["conversations"].append(json.dumps(s["conv"], ensure_ascii=False))
-        row["pack_id"] = f"pack-{g}"
-        row["num_tokens"] = len(row["input_ids"])
-        rows.append(row)
-    return rows
-
-
-def write_test_packs(folder: Path, tok, n_shards: int = 2, packs_per_shard: int = 3,
-                     loss_on: str = "assistant") -> list[Path]:
-    """Packed Parquet shards of the demo samples (rotated so packs differ)."""
-    samples = demo_samples()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    k = 0
-    for s in range(n_shards):
-        groups = []
-        for _ in range(packs_per_shard):
-            rot = samples[k % len(samples):] + samples[:k % len(samples)]
-            groups.append(rot[: 2 + k % 3])
-            k += 1
-        rows = pack_rows(groups, tok, loss_on)
-        for j, r in enumerate(rows):
-            r["pack_id"] = f"shard{s}-pack{j}"
-        path = folder / f"packs-{s:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows, schema=PACK_SCHEMA), path)
-        paths.append(path)
-    return paths
-
 
 # ---------------------------------------------------------------- an independent HF tokenizer
 
@@ -190,7 +103,7 @@ def test_token_counts_equal_stored_lengths(tok, tmp_path):
 
     write_test_packs(tmp_path, tok)
     stream = PackStream(str(tmp_path), seed=0)
-    collate = PackCollator(tok, stage="2")
+    collate = PackCollator(tok, phase="2")
     n = 0
     for pack in stream.epoch(0):
         batch = collate([pack])
@@ -207,7 +120,7 @@ def test_token_counts_equal_stored_lengths(tok, tmp_path):
 def test_ids_equal_hf_apply_chat_template(tok, hf_tokenizer):
     samples = [s for s in demo_samples() if "<|im_end|>" not in json.dumps(s["conv"])]
     rows = pack_rows([samples], tok)
-    batch = PackCollator(tok, stage="2")(rows)
+    batch = PackCollator(tok, phase="2")(rows)
     ids, seg = batch["input_ids"][0], batch["segment_ids"][0]
     hws = rows[0]["image_hw"]
     k = 0
@@ -220,7 +133,7 @@ def test_ids_equal_hf_apply_chat_template(tok, hf_tokenizer):
 
 def test_caption_with_special_token_text_stays_plain_text(tok):
     s = [x for x in demo_samples() if x["id"] == "s-tricky"]
-    batch = PackCollator(tok, stage="2")(pack_rows([s], tok))
+    batch = PackCollator(tok, phase="2")(pack_rows([s], tok))
     ids = batch["input_ids"][0].tolist()
     assert ids.count(tok.im_end) == 3  # system, user, assistant turns; the caption's text is not one
     assert "<|im_end|>" in tok.decode(ids)
@@ -240,7 +153,7 @@ def test_mismatch_fails_loudly(tok, damage):
     else:
         row["num_tokens"] += 1
     with pytest.raises(PackMismatchError, match="pack pack-0"):
-        PackCollator(tok, stage="2")(rows)
+        PackCollator(tok, phase="2")(rows)
 
 
 def _assistant_token_positions(ids: list[int], tok, last_only: bool) -> set[int]:
@@ -265,18 +178,18 @@ def _assistant_token_positions(ids: list[int], tok, last_only: bool) -> set[int]
     return {p for j, end in assistant for p in range(j, end + 1)}
 
 
-@pytest.mark.parametrize("stage", ["1", "2"])
-def test_loss_only_on_assistant_tokens_never_across_samples(tok, stage):
-    loss_on = "last" if stage == "1" else "assistant"
+@pytest.mark.parametrize("phase", ["1", "2"])
+def test_loss_only_on_assistant_tokens_never_across_samples(tok, phase):
+    loss_on = "last" if phase == "1" else "assistant"
     samples = demo_samples()
     rows = pack_rows([samples], tok, loss_on=loss_on)
-    batch = PackCollator(tok, stage=stage)(rows)
+    batch = PackCollator(tok, phase=phase)(rows)
     ids, tgt, seg = batch["input_ids"][0].tolist(), batch["targets"][0], batch["segment_ids"][0]
     start = 0
     for j, s in enumerate(samples):
         n = int((seg == j).sum())
         sids, stgt = ids[start:start + n], tgt[start:start + n].tolist()
-        expect = _assistant_token_positions(sids, tok, last_only=(stage == "1"))
+        expect = _assistant_token_positions(sids, tok, last_only=(phase == "1"))
         got = {t + 1 for t, v in enumerate(stgt) if v != -100}
         assert got == expect, s["id"]
         assert stgt[-1] == -100  # the last token of a sample predicts nothing in the next sample
@@ -289,7 +202,7 @@ def test_loss_only_on_assistant_tokens_never_across_samples(tok, stage):
     text = tok.decode([v for v in tgt.tolist() if v != -100])
     assert "helpful assistant" not in text and "Describe the image" not in text
     assert "A red bicycle" in text
-    if stage == "1":
+    if phase == "1":
         assert "The first is square" not in text and "It has more pixels" in text
     else:
         assert "The first is square" in text
@@ -305,10 +218,10 @@ def test_patchify_merge_order():
 
 
 def test_decode_image_resizes_and_rejects_bad_sizes():
-    x = decode_image(_png(0, 90, 60), (56, 84))
+    x = decode_image(png(0, 90, 60), (56, 84))
     assert x.shape == (3, 56, 84)
     with pytest.raises(PackMismatchError):
-        decode_image(_png(0, 90, 60), (50, 84))
+        decode_image(png(0, 90, 60), (50, 84))
 
 
 def test_decode_image_shows_images_as_displayed_and_names_broken_bytes():
@@ -338,7 +251,7 @@ def _png_white() -> bytes:
 
 
 def test_a_stream_never_read_before_its_checkpoint_resumes(tok, tmp_path):
-    """A stage-2 mixture dataset not yet drawn saves the default position; resuming must work."""
+    """A phase-2 mixture dataset not yet drawn saves the default position; resuming must work."""
     from trainer.data import PackStream
 
     write_test_packs(tmp_path / "p", tok, n_shards=3, packs_per_shard=2)
@@ -370,22 +283,22 @@ def test_truncated_sample_and_packs_without_stored_ids(tok):
     row["loss_mask"] = row["loss_mask"][:n0] + cut.loss_mask
     row["num_tokens"] = n0 + len(cut.input_ids)
     with pytest.raises(PackMismatchError, match="tokens > max_len"):  # the whole pack is too long
-        PackCollator(tok, stage="2", max_len=max_len)(rows)
+        PackCollator(tok, phase="2", max_len=max_len)(rows)
     rows = [{**row, **{k: row[k][1:] for k in ("sample_ids", "sample_lens", "sources", "conversations")},
              "images": row["images"][1:], "image_hw": row["image_hw"][1:], "image_sample": [0, 0],
              "input_ids": row["input_ids"][n0:], "loss_mask": row["loss_mask"][n0:],
              "num_tokens": len(cut.input_ids)}]
     row = rows[0]
-    batch = PackCollator(tok, stage="2", max_len=max_len)(rows)
+    batch = PackCollator(tok, phase="2", max_len=max_len)(rows)
     assert batch["grid_hw"].shape[0] == 1  # only the image before the cut reaches the ViT
     assert (batch["input_ids"] == tok.image_pad).sum() * 4 == batch["pixel_values"].shape[0]
     row["input_ids"], row["loss_mask"] = [], []
-    batch2 = PackCollator(tok, stage="2", max_len=max_len)(rows)
+    batch2 = PackCollator(tok, phase="2", max_len=max_len)(rows)
     assert torch.equal(batch2["input_ids"], batch["input_ids"])
     row["sample_lens"][0] -= 1
     row["num_tokens"] -= 1
     with pytest.raises(PackMismatchError, match="sample_lens"):
-        PackCollator(tok, stage="2", max_len=max_len)(rows)
+        PackCollator(tok, phase="2", max_len=max_len)(rows)
 
 
 def test_resuming_over_a_changed_shard_list_is_refused(tok, tmp_path):

@@ -2,7 +2,8 @@ import subprocess
 
 import pytest
 
-from ovpipe.config import Config, ConfigError, config_hash, load_config, section_dump, to_toml
+from ovpipe.config import load_config
+from ovpipe.core.config import ConfigError, config_hash, section_dump, to_toml
 from tests.conftest import python_exe, subprocess_env
 
 
@@ -95,4 +96,5 @@ def test_object_store_output_without_train_run_dir_fails_before_any_step(tmp_pat
     (tmp_path / "raw").mkdir()
     with pytest.raises(ValueError, match=r"set train\.run_dir"):
         run_pipeline(str(tmp_path / "raw"), "s3://bucket/curated?region=us-east-1&scheme=http"
-                     "&endpoint_override=127.0.0.1:9", load_config(), run_id="r")  # nothing listens: no step may run
+                     "&endpoint_override=127.0.0.1:9", load_config(overrides=["balance.fraction=0.5"]),
+                     run_id="r")  # nothing listens: no step may run

@@ -25,14 +25,13 @@ from curation.embed import (
     split_transform,
     to_model_input,
 )
-from curation.ingest import IngestStage
 from ovpipe.config import load_config
-from ovpipe.images import fetch_image_bytes
-from ovpipe.shards import read_manifest_entries, Location
-from ovpipe.stage import run_stage
+from ovpipe.core.images import fetch_image_bytes
+from ovpipe.core.shards import read_manifest_entries, Location
+from ovpipe.core.stage import run_stage
 from tests.conftest import python_exe, sigkill_after_commits, subprocess_env
+from tests.helpers import TINY_EMBED as TINY
 
-TINY = ["embed.model=ovpipe-tiny-clip", "embed.pretrained=random", "embed.batch_size=8"]
 SPEC = ModelSpec("ovpipe-tiny-clip", "random", 0, "auto")
 
 
@@ -49,16 +48,15 @@ def _png(seed: int, w: int = 50, h: int = 40) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def embed_input(ray_address, demo_raw, tmp_path_factory) -> Path:
+def embed_input(demo_ingested, tmp_path_factory) -> Path:
     """Ingested demo shards plus one shard of bad references: a missing file, a row past the end
     of its container, and bytes that look like a JPEG but do not decode."""
     root = tmp_path_factory.mktemp("embed")
-    run_stage(IngestStage(), str(demo_raw), str(root / "ingest"), load_config(), quiet=True)
     src = root / "input"
     src.mkdir()
-    entries = read_manifest_entries(Location.parse(str(root / "ingest")))
+    entries = read_manifest_entries(Location.parse(str(demo_ingested)))
     for e in entries.values():
-        shutil.copy(root / "ingest" / e["output"], src / e["output"])
+        shutil.copy(demo_ingested / e["output"], src / e["output"])
     good = pq.read_table(src / sorted(os.listdir(src))[0]).slice(0, 2)
     garbage = root / "garbage.parquet"
     pq.write_table(pa.table({"image": [b"\xff\xd8\xff\xe0" + b"\x00" * 64]}), garbage)
@@ -176,7 +174,7 @@ def test_oom_halves_the_batch_and_retries_the_same_rows():
 
 def test_bad_bytes_are_ledger_reasons_not_crashes():
     pil, _, _ = split_transform(preprocess_config(SPEC))
-    from ovpipe.images import BadImage
+    from ovpipe.core.images import BadImage
 
     for data, reason in [(None, "image_not_found"), (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "corrupt_image"),
                          (_png(1)[:60], "truncated_image")]:

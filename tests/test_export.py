@@ -8,7 +8,7 @@ import json
 import torch
 
 from packing import tokenizer as ptok
-from tests.test_collate import write_test_packs
+from tests.helpers import write_test_packs
 from trainer.collate import PackCollator
 from trainer.data import PackStream
 from trainer.export import export_model, load_exported
@@ -18,16 +18,16 @@ from trainer.model import build_model, tiny_llm_config, tiny_vision_config
 def test_export_reloads_with_the_same_logits(tmp_path):
     tok = ptok.load_tokenizer("qwen")
     write_test_packs(tmp_path / "packs", tok, n_shards=1, packs_per_shard=2, loss_on="assistant")
-    batch = PackCollator(tok, stage="2")(list(PackStream(str(tmp_path / "packs")).epoch(0)))
+    batch = PackCollator(tok, phase="2")(list(PackStream(str(tmp_path / "packs")).epoch(0)))
     assert "pixel_values" in batch
     model = build_model(tiny_vision_config(), tiny_llm_config(), seed=3)
     with torch.no_grad():  # move away from the seeded init so a reload from scratch cannot pass
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     model.eval()
-    export_model(model, tmp_path / "export", {"stage": "2"})
+    export_model(model, tmp_path / "export", {"phase": "2"})
     meta = json.loads((tmp_path / "export/ovpipe_model.json").read_text())
-    assert meta["stage"] == "2" and meta["vision_config"]["hidden_size"] == 32
+    assert meta["phase"] == "2" and meta["vision_config"]["hidden_size"] == 32
 
     loaded = load_exported(tmp_path / "export").eval()
     with torch.no_grad():

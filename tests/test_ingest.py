@@ -3,7 +3,6 @@
 import io
 import subprocess
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,17 +11,11 @@ from PIL import Image
 
 from curation.ingest import INGEST_SCHEMA, IngestStage
 from ovpipe.config import load_config
-from ovpipe.images import BadImage, fetch_image_bytes, probe_image
-from ovpipe.shards import Location, read_table
-from ovpipe.stage import OutputConflict, run_stage
+from ovpipe.core.images import BadImage, fetch_image_bytes, probe_image
+from ovpipe.core.shards import Location, read_table
+from ovpipe.core.stage import OutputConflict, run_stage
 from tests.conftest import python_exe, sigkill_after_commits, subprocess_env
-
-
-def data_files(out: Path) -> dict[str, bytes]:
-    """Every data and ledger shard of a stage output, by relative path (manifests excluded:
-    they hold timings)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet"))
-            if "_manifest" not in p.parts}
+from tests.helpers import data_files
 
 
 def ingest(raw, out, *overrides, **kw):

@@ -17,9 +17,9 @@ from PIL import Image
 
 from curation.ingest import INGEST_SCHEMA, IngestStage
 from ovpipe.config import load_config
-from ovpipe.images import BadImage, fetch_image_bytes, probe_image, to_rgb
-from ovpipe.stage import run_stage
-from tests.test_ingest import data_files
+from ovpipe.core.images import BadImage, fetch_image_bytes, probe_image, to_rgb
+from ovpipe.core.stage import run_stage
+from tests.helpers import data_files
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

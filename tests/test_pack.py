@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from ovpipe.config import load_config
-from ovpipe.ledger import read_ledger
-from ovpipe.shards import Location
-from ovpipe.stage import OutputConflict, run_stage
+from ovpipe.core.hashing import seeded_mix
+from ovpipe.core.ledger import read_ledger
+from ovpipe.core.shards import Location
+from ovpipe.core.stage import OutputConflict, run_stage
 from packing import tokenizer as ptok
-from packing.pack import _order_by_length_then_key, bfd_histogram, lower_bound, pack_lengths, splitmix64
-from packing.stage import run_pack
+from packing.pack import _order_by_length_then_key, bfd_histogram, lower_bound, pack_lengths
+from packing.stage import PackStage
 
 # ------------------------------------------------------------------ the core
 
@@ -68,7 +69,7 @@ def reference_assignment(lengths, capacity, hashes, seed, max_items=None):
             slot_pack += [p] * q
             slot_len += [length] * q
     slot_pack, slot_len = np.array(slot_pack), np.array(slot_len)
-    key = splitmix64(hashes, seed)
+    key = seeded_mix(hashes, seed)
     key_bits = 64 - int(capacity).bit_length() - max(int(len(lengths) - 1).bit_length(), 1)
     by_len = np.lexsort((np.arange(len(lengths)), key >> np.uint64(64 - key_bits), lengths))
     sample_of_slot = np.empty(len(lengths), np.int64)
@@ -195,18 +196,12 @@ CAPTIONS_ZH = ["白色背景上的红色圆形。", "蓝色和绿色的条纹。
 
 
 @pytest.fixture(scope="module")
-def caption_input(tmp_path_factory, demo_raw):
+def caption_input(tmp_path_factory, demo_ingested):
     """Ingest output of the demo data + caption/language columns: what the caption stage writes."""
-    import ray
-
-    from curation.ingest import IngestStage
-
     root = tmp_path_factory.mktemp("pack_in")
-    cfg = load_config(overrides=["run.executor=\"local\""])
-    run_stage(IngestStage(), str(demo_raw), str(root / "ingest"), cfg, quiet=True)
     out = root / "captions"
     out.mkdir()
-    for i, f in enumerate(sorted((root / "ingest").glob("*.parquet"))):
+    for i, f in enumerate(sorted(demo_ingested.glob("*.parquet"))):
         t = pq.read_table(f)
         langs = ["zh" if "cn" in s else "en" for s in t.column("source").to_pylist()]
         caps = []
@@ -219,7 +214,6 @@ def caption_input(tmp_path_factory, demo_raw):
             caps[1] = "   "  # blank: ledgered
         t = t.append_column("caption", pa.array(caps)).append_column("language", pa.array(langs))
         pq.write_table(t, out / f.name)
-    assert ray.is_initialized() or True
     return out
 
 
@@ -247,7 +241,8 @@ def input_ids_of(folder: Path) -> list[str]:
 
 def test_caption_shards_pack_with_exact_accounting(ray_address, caption_input, tmp_path):
     out = tmp_path / "pack"
-    summary = run_pack(str(caption_input), str(out), cfg_for("pack.max_samples_per_pack=4"), quiet=True)
+    summary = run_stage(PackStage(), str(caption_input), str(out), cfg_for("pack.max_samples_per_pack=4"),
+                        quiet=True)
     packs = read_packs(out)
     ledger = read_ledger(Location.parse(str(out)))
     inputs = input_ids_of(caption_input)
@@ -285,9 +280,9 @@ def test_trainer_collator_accepts_the_packs(ray_address, caption_input, tmp_path
     from trainer.collate import PackCollator
 
     out = tmp_path / "pack"
-    run_pack(str(caption_input), str(out), cfg_for("pack.overlong=\"truncate\""), quiet=True)
+    run_stage(PackStage(), str(caption_input), str(out), cfg_for("pack.overlong=\"truncate\""), quiet=True)
     packs = read_packs(out).to_pylist()
-    collate = PackCollator(stage="1.5", max_len=600)
+    collate = PackCollator(phase="1.5", max_len=600)
     batch = collate(packs[:3])
     assert batch["input_ids"].shape[0] == 3 and batch["num_loss_tokens"] > 0
     for p in packs:  # every sample, the truncated one included, re-renders to its stored length
@@ -296,17 +291,17 @@ def test_trainer_collator_accepts_the_packs(ray_address, caption_input, tmp_path
 
 def test_byte_identical_across_worker_counts(ray_address, caption_input, tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    run_pack(str(caption_input), str(a), cfg_for("run.workers=1"), quiet=True)
-    run_pack(str(caption_input), str(b), cfg_for("run.workers=2"), quiet=True)
-    run_pack(str(caption_input), str(c), cfg_for("run.executor=\"local\""), quiet=True)
+    run_stage(PackStage(), str(caption_input), str(a), cfg_for("run.workers=1"), quiet=True)
+    run_stage(PackStage(), str(caption_input), str(b), cfg_for("run.workers=2"), quiet=True)
+    run_stage(PackStage(), str(caption_input), str(c), cfg_for("run.executor=\"local\""), quiet=True)
     assert file_digests(a) == file_digests(b) == file_digests(c) and len(file_digests(a)) == 3
     assert (a / "pack_stats.json").read_text() == (b / "pack_stats.json").read_text()
 
 
 def test_overlong_policies(ray_address, caption_input, tmp_path):
     drop, trunc = tmp_path / "drop", tmp_path / "trunc"
-    run_pack(str(caption_input), str(drop), cfg_for(), quiet=True)
-    run_pack(str(caption_input), str(trunc), cfg_for("pack.overlong=\"truncate\""), quiet=True)
+    run_stage(PackStage(), str(caption_input), str(drop), cfg_for(), quiet=True)
+    run_stage(PackStage(), str(caption_input), str(trunc), cfg_for("pack.overlong=\"truncate\""), quiet=True)
     d = json.loads((drop / "pack_stats.json").read_text())
     t = json.loads((trunc / "pack_stats.json").read_text())
     assert d["overlong"] == {"dropped": 1, "truncated": 0, "policy": "drop"}
@@ -334,7 +329,8 @@ def test_precomputed_num_tokens_alone(ray_address, tmp_path):
         sl = slice(k * n // 2, (k + 1) * n // 2)
         pq.write_table(pa.table({"sample_id": ids[sl], "num_tokens": lens[sl]}), src / f"part-{k}.parquet")
     out = tmp_path / "out"
-    summary = run_pack(str(src), str(out), load_config(overrides=["pack.buckets=4", "pack.plot=true"]), quiet=True)
+    summary = run_stage(PackStage(), str(src), str(out), load_config(overrides=["pack.buckets=4", "pack.plot=true"]),
+                        quiet=True)
     packs = pl.read_parquet(str(out / "bucket-*.parquet"))
     packed = packs["sample_ids"].explode().to_list()
     over = int((lens > 8192).sum())
@@ -381,10 +377,10 @@ def test_lengths_columns_path_equals_row_path(tmp_path, monkeypatch):
             cols["source"] = pa.array([["a", "b", "", None][i % 4] for i in range(n)], pa.string())
         pq.write_table(pa.table(cols), src / f"part-{k}.parquet")
     cfg = load_config(overrides=["pack.buckets=3", "pack.plot=false", "run.executor=\"local\""])
-    fast = run_pack(str(src), str(tmp_path / "fast"), cfg, quiet=True)
+    fast = run_stage(PackStage(), str(src), str(tmp_path / "fast"), cfg, quiet=True)
     calls = []
     monkeypatch.setattr(pstage, "_lengths_table", lambda *a: calls.append(1))  # None: the row path
-    rows = run_pack(str(src), str(tmp_path / "rows"), cfg, quiet=True)
+    rows = run_stage(PackStage(), str(src), str(tmp_path / "rows"), cfg, quiet=True)
     assert len(calls) == 3
     assert fast.dropped_by_reason == rows.dropped_by_reason == {"bad_num_tokens": 9, "missing_sample_id": 6,
                                                                 "overlong": fast.dropped_by_reason["overlong"]}
@@ -404,7 +400,7 @@ def test_float_num_tokens_take_the_row_path(tmp_path):
     src.mkdir()
     pq.write_table(pa.table({"sample_id": ["a", "b"], "num_tokens": [10.0, 20.5]}), src / "part-0.parquet")
     cfg = load_config(overrides=["pack.buckets=2", "pack.plot=false", "run.executor=\"local\""])
-    summary = run_pack(str(src), str(tmp_path / "out"), cfg, quiet=True)
+    summary = run_stage(PackStage(), str(src), str(tmp_path / "out"), cfg, quiet=True)
     assert summary.dropped_by_reason == {"bad_num_tokens": 2} and summary.kept_rows == 0
 
 
@@ -441,7 +437,7 @@ def test_llava_jsonl_and_json_with_image_folder(ray_address, tmp_path):
     (src / "part-1.json").write_text(json.dumps(recs[4:] + recs[:1]))
     out = tmp_path / "out"
     cfg = load_config(overrides=[f"pack.image_folder=\"{src / 'images'}\"", "pack.buckets=2", "pack.plot=false"])
-    summary = run_pack(str(src), str(out), cfg, quiet=True)
+    summary = run_stage(PackStage(), str(src), str(out), cfg, quiet=True)
     assert summary.input_rows == 7 + 1
     assert summary.dropped_by_reason == {"bad_image_path": 1, "bad_record": 1, "image_count_mismatch": 1,
                                          "missing_image": 1}
@@ -463,21 +459,81 @@ def test_llava_jsonl_and_json_with_image_folder(ray_address, tmp_path):
 
 def test_resume_redoes_only_missing_buckets_and_config_change_is_refused(ray_address, caption_input, tmp_path):
     out = tmp_path / "pack"
-    run_pack(str(caption_input), str(out), cfg_for(), quiet=True)
+    run_stage(PackStage(), str(caption_input), str(out), cfg_for(), quiet=True)
     before = file_digests(out)
     (out / "_manifest" / "bucket-00001.json").unlink()
     (out / "bucket-00001.parquet").unlink()
-    (out / "bucket-00002.parquet").write_bytes(b"garbage, but committed: must not be rewritten")
-    summary = run_pack(str(caption_input), str(out), cfg_for(), quiet=True)
-    assert summary.shards_skipped == 2
+    committed = {b: (out / f"bucket-0000{b}.parquet").stat() for b in (0, 2)}
+    summary = run_stage(PackStage(), str(caption_input), str(out), cfg_for(), quiet=True)
+    staged = json.loads((out / "_staged" / "_manifest" / "_summary.json").read_text())
+    assert summary.shards_skipped == staged["shards"] + 2  # every staged shard and 2 of 3 buckets
     after = file_digests(out)
-    assert after["bucket-00001.parquet"] == before["bucket-00001.parquet"]
-    assert after["bucket-00000.parquet"] == before["bucket-00000.parquet"]
+    assert after == before  # the missing bucket is redone, byte for byte
+    for b, st in committed.items():  # committed buckets are not rewritten (a rewrite is a new inode)
+        now = (out / f"bucket-0000{b}.parquet").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     with pytest.raises(OutputConflict, match="max_len"):
-        run_pack(str(caption_input), str(out), cfg_for("pack.max_len=700"), quiet=True)
-    run_pack(str(caption_input), str(out), cfg_for("pack.max_len=700"), quiet=True, overwrite=True)
+        run_stage(PackStage(), str(caption_input), str(out), cfg_for("pack.max_len=700"), quiet=True)
+    run_stage(PackStage(), str(caption_input), str(out), cfg_for("pack.max_len=700"), quiet=True, overwrite=True)
     assert json.loads((out / "pack_stats.json").read_text())["max_len"] == 700
 
+
+
+def lengths_input(folder: Path, n: int, shards: int, seed: int = 13) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lens = np.clip(rng.lognormal(np.log(740), 0.8, n), 64, 9000).astype(np.int64)
+    for k in range(shards):
+        sl = slice(k * n // shards, (k + 1) * n // shards)
+        ids = [f"s{seed}_{i:06d}" for i in range(sl.start, sl.stop)]
+        pq.write_table(pa.table({"sample_id": ids, "num_tokens": lens[sl]}), folder / f"part-{k}.parquet")
+
+
+def test_buckets_are_redone_when_the_staged_input_changes(tmp_path):
+    """A bucket's stamp is a digest of the staged shards: an input shard added (or redone) since
+    the buckets were committed redoes every bucket, and the result is what a fresh run writes."""
+    src = tmp_path / "in"
+    lengths_input(src, 3000, 2)
+    cfg = load_config(overrides=["pack.buckets=3", "pack.plot=false", "run.executor=\"local\""])
+    out = tmp_path / "out"
+    first = run_stage(PackStage(), str(src), str(out), cfg, quiet=True)
+    lengths_input(tmp_path / "more", 1000, 1, seed=14)
+    (tmp_path / "more" / "part-0.parquet").rename(src / "part-2.parquet")
+    again = run_stage(PackStage(), str(src), str(out), cfg, quiet=True)
+    # the two old staged shards are skipped, the new one staged, and every bucket redone
+    assert again.shards_skipped == 2 and again.input_rows == first.input_rows + 1000
+    fresh = tmp_path / "fresh"
+    run_stage(PackStage(), str(src), str(fresh), cfg, quiet=True)
+    assert file_digests(out) == file_digests(fresh) and len(file_digests(out)) == 3
+    assert (out / "pack_stats.json").read_text() == (fresh / "pack_stats.json").read_text()
+    # Unchanged staged input: every bucket is skipped.
+    assert run_stage(PackStage(), str(src), str(out), cfg, quiet=True).shards_skipped == 3 + 3
+
+
+def test_stage_accounting_and_plot_is_not_hashed(tmp_path):
+    """The stage summary chains the passes (samples in = packed + ledgered; every staged sample is
+    packed); each bucket's manifest entry counts samples as kept and packs as its rows. Turning
+    the plot on changes no output: the same folder is reused, nothing is redone."""
+    src = tmp_path / "in"
+    lengths_input(src, 2000, 2)
+    cfg = load_config(overrides=["pack.buckets=2", "pack.plot=false", "run.executor=\"local\""])
+    out = tmp_path / "out"
+    summary = run_stage(PackStage(), str(src), str(out), cfg, quiet=True)
+    staged = json.loads((out / "_staged" / "_manifest" / "_summary.json").read_text())
+    assert summary.input_rows == staged["input_rows"] == 2000
+    assert summary.kept_rows == staged["kept_rows"] == 2000 - summary.dropped_rows
+    assert summary.shards == 2 + 2 and json.loads((out / "_manifest" / "_summary.json").read_text())["stage"] == "pack"
+    packs = read_packs(out)
+    for b in range(2):
+        e = json.loads((out / "_manifest" / f"bucket-0000{b}.json").read_text())
+        assert e["kept_rows"] == e["samples"] == e["input_rows"] and e["output_rows"] == e["packs"]
+    assert sum(len(s) for s in packs.column("sample_ids").to_pylist()) == summary.kept_rows
+    assert not (out / "pack_stats.png").exists()
+    before = file_digests(out)
+    again = run_stage(PackStage(), str(src), str(out), load_config(
+        overrides=["pack.buckets=2", "pack.plot=true", "run.executor=\"local\""]), quiet=True)
+    assert again.shards_skipped == 2 + 2 and file_digests(out) == before
+    assert (out / "pack_stats.png").read_bytes()[:4] == b"\x89PNG"
 
 def test_cli_pack_command(ray_address, caption_input, tmp_path):
     from ovpipe.cli import main
@@ -511,18 +567,18 @@ def test_ray_job_entrypoint_matches_cli(ray_address, caption_input, tmp_path):
 
 
 def test_an_image_the_trainer_would_refuse_is_ledgered_by_the_packer():
-    """Conversation inputs are probed with the trainer's own source-pixel bound (ovpipe.images
+    """Conversation inputs are probed with the trainer's own source-pixel bound (ovpipe.core.images
     .MAX_SOURCE_PIXELS), so no pack can hold an image that stops training when it is reached."""
     import io
 
     from PIL import Image
 
-    from packing.stage import PackPrepStage, SampleError
+    from packing.stage import PackPrepPass, SampleError
 
     buf = io.BytesIO()
     Image.new("L", (9600, 9600), 128).save(buf, "PNG")  # 92 M px, a 0.3 MB file
     rec = {"images": [buf.getvalue()], "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                           {"from": "gpt", "value": "Grey."}]}
     with pytest.raises(SampleError) as err:
-        PackPrepStage._sample(rec, load_config().pack, ptok.load_tokenizer("qwen"))
+        PackPrepPass._sample(rec, load_config().pack, ptok.load_tokenizer("qwen"))
     assert err.value.reason == "too_many_pixels"

@@ -15,14 +15,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ovpipe.config import load_config, to_toml
+from ovpipe.config import load_config
+from ovpipe.core.config import to_toml
 from ovpipe.demo import demo_config
 from ovpipe.demo_data import make_demo_data
 from ovpipe.pipeline import run_pipeline
-from ovpipe.shards import Location, list_input_shards
+from ovpipe.core.shards import Location, list_input_shards
 from tests.conftest import REPO, python_exe, subprocess_env
 from tests.ray_head import free_port, ray_head, submit_job
-from tests.test_ingest import data_files
+from tests.helpers import data_files
 
 PER_SHARD_STEPS = ["ingest", "embed", "assign"]
 
@@ -165,10 +166,11 @@ TWO_NODE_SCRIPT = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from ovpipe.config import load_config, to_toml
+from ovpipe.config import load_config
+from ovpipe.core.config import to_toml
 from ovpipe.demo import demo_config
 from ovpipe.pipeline import run_pipeline
-from ovpipe.shards import Location, list_input_shards
+from ovpipe.core.shards import Location, list_input_shards
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)

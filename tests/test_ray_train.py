@@ -11,7 +11,7 @@ import pytest
 
 from packing import tokenizer as ptok
 from tests.conftest import subprocess_env
-from tests.test_collate import write_test_packs
+from tests.helpers import write_test_packs
 from trainer.train import KILL_ENV
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from curation.ingest import IngestStage
 from ovpipe.config import load_config
-from ovpipe.ledger import AccountingError, Ledger, ledger_counts
-from ovpipe.shards import (
+from ovpipe.core.ledger import AccountingError, Ledger, ledger_counts
+from ovpipe.core.shards import (
     Location,
     list_input_shards,
     read_manifest_entries,
@@ -17,7 +17,8 @@ from ovpipe.shards import (
     write_json,
     write_table,
 )
-from ovpipe.stage import OutputConflict, ShardOutput, check_accounting, run_shard, run_stage
+from ovpipe.core.stage import OutputConflict, ShardOutput, check_accounting, run_stage
+from tests.toy_stage import KeepEvenStage
 
 
 @pytest.fixture
@@ -119,29 +120,6 @@ def test_ledger_rows_round_trip():
     ledger.drop("s.parquet#row=3", "corrupt_image", "bad header", None)
     table = ledger.table()
     assert table.num_rows == 1 and table["stage"][0].as_py() == "ingest"
-
-
-class KeepEvenStage:
-    """A tiny stage: keeps rows with an even `x` and ledgers the odd ones (drop_odd=False: keeps all)."""
-
-    name = "keep_even"
-    config_sections = ("run",)
-    schema_version = 1
-    input_suffixes = (".parquet",)
-
-    def __init__(self, drop_odd: bool = True):
-        self.drop_odd = drop_odd
-
-    def process(self, task):
-        table = read_table(task.input)
-        ledger = Ledger(self.name)
-        keep = []
-        for i, x in enumerate(table.column("x").to_pylist()):
-            if self.drop_odd and x % 2:
-                ledger.drop(f"{task.input.uri()}#row={i}", "odd", str(x), None)
-            else:
-                keep.append(i)
-        return ShardOutput(table.take(keep), ledger, table.num_rows)
 
 
 def _shards(folder, **shards):

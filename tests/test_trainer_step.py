@@ -1,5 +1,5 @@
-"""Train step and data reader: stage 1 trains only the projector (vision and LLM bit-identical after
-a step), stages 1.5/2 train everything, the step runs end to end on packed shards, and the reader
+"""Train step and data reader: phase 1 trains only the projector (vision and LLM bit-identical after
+a step), phases 1.5/2 train everything, the step runs end to end on packed shards, and the reader
 shards deterministically across ranks, reshuffles per epoch and resumes from (shard, row)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from packing import tokenizer as ptok
-from tests.test_collate import write_test_packs
+from tests.helpers import write_test_packs
 from trainer.collate import PackCollator
 from trainer.data import PackStream
 from trainer.model import build_model, tiny_llm_config, tiny_vision_config
@@ -30,7 +30,7 @@ def packs(tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def caption_packs(tok, tmp_path_factory):
-    """Packed with loss on the last assistant turn only: stages 1 and 1.5's loss rule."""
+    """Packed with loss on the last assistant turn only: phases 1 and 1.5's loss rule."""
     folder = tmp_path_factory.mktemp("caption_packs")
     write_test_packs(folder, tok, n_shards=3, packs_per_shard=3, loss_on="last")
     return folder
@@ -40,22 +40,22 @@ def _snapshot(model, part):
     return {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()}
 
 
-@pytest.mark.parametrize("stage,changes", [("1", {"projector"}), ("2", {"vision", "projector", "llm"})])
-def test_stage_trains_only_its_parts(packs, caption_packs, tok, stage, changes):
-    packs = caption_packs if stage == "1" else packs
+@pytest.mark.parametrize("phase,changes", [("1", {"projector"}), ("2", {"vision", "projector", "llm"})])
+def test_phase_trains_only_its_parts(packs, caption_packs, tok, phase, changes):
+    packs = caption_packs if phase == "1" else packs
     model = build_model(tiny_vision_config(), tiny_llm_config(), seed=0)
     before = {p: _snapshot(model, p) for p in ("vision", "projector", "llm")}
-    opt = make_optimizer(model, stage, DEFAULT_LR)
-    batch = PackCollator(tok, stage=stage)(list(PackStream(str(packs)).epoch(0))[:2])
+    opt = make_optimizer(model, phase, DEFAULT_LR)
+    batch = PackCollator(tok, phase=phase)(list(PackStream(str(packs)).epoch(0))[:2])
     m = train_step(model, opt, [batch])
     assert m["loss_tokens"] == batch["num_loss_tokens"] > 0 and torch.isfinite(torch.tensor(m["loss"]))
     for part, old in before.items():
         new = getattr(model, part).state_dict()
         identical = all(torch.equal(old[k], new[k]) for k in old)
         if part in changes:
-            assert not identical, f"stage {stage}: {part} did not train"
+            assert not identical, f"phase {phase}: {part} did not train"
         else:
-            assert identical, f"stage {stage}: frozen {part} changed"
+            assert identical, f"phase {phase}: frozen {part} changed"
 
 
 def test_param_groups_have_separate_lrs():
@@ -72,7 +72,7 @@ def test_param_groups_have_separate_lrs():
 def test_micro_batch_split_does_not_change_the_loss(packs, tok):
     """Loss normalised by the step's loss-token count: 1 micro-batch of 2 packs == 2 of 1."""
     packs_ = list(PackStream(str(packs)).epoch(0))[:2]
-    collate = PackCollator(tok, stage="2")
+    collate = PackCollator(tok, phase="2")
     losses = []
     for groups in ([packs_], [packs_[:1], packs_[1:]]):
         model = build_model(tiny_vision_config(), tiny_llm_config(), seed=0)
@@ -82,7 +82,7 @@ def test_micro_batch_split_does_not_change_the_loss(packs, tok):
 
 
 def test_cpu_training_end_to_end(caption_packs):
-    hist = train_cpu(str(caption_packs), steps=3, stage="1.5", micro_batch=2, log=lambda s: None)
+    hist = train_cpu(str(caption_packs), steps=3, phase="1.5", micro_batch=2, log=lambda s: None)
     assert len(hist) == 3 and all(h["loss"] > 0 and h["loss_tokens"] > 0 for h in hist)
     assert hist[-1]["data"]["epoch"] == 0 and hist[-1]["data"]["shard"]
 
@@ -90,7 +90,7 @@ def test_cpu_training_end_to_end(caption_packs):
 def test_overfits_one_batch(packs, tok):
     model = build_model(tiny_vision_config(), tiny_llm_config(), seed=0)
     opt = make_optimizer(model, "2", {"vision": 1e-3, "projector": 1e-3, "llm": 3e-3})
-    batch = PackCollator(tok, stage="2")(list(PackStream(str(packs)).epoch(0))[:1])
+    batch = PackCollator(tok, phase="2")(list(PackStream(str(packs)).epoch(0))[:1])
     losses = [train_step(model, opt, [batch])["loss"] for _ in range(8)]
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
 
@@ -133,7 +133,7 @@ def test_resume_from_saved_position(packs, stop_after):
 def test_collator_refuses_packs_made_with_another_loss_rule(packs, tok):
     with pytest.raises(ValueError, match="loss mask differs"):
         for p in PackStream(str(packs)).epoch(0):
-            PackCollator(tok, stage="1")([p])
+            PackCollator(tok, phase="1")([p])
 
 
 def test_resume_refuses_other_world_size(packs):
@@ -159,10 +159,11 @@ def test_train_on_pack_stage_output(ray_address, tmp_path):
     the packer's stored lengths and the step runs."""
     import json
 
-    from tests.test_collate import _png, demo_samples
+    from tests.helpers import demo_samples, png
 
-    run_pack = pytest.importorskip("packing.stage").run_pack
     from ovpipe.config import load_config
+    from ovpipe.core.stage import run_stage
+    from packing.stage import PackStage
 
     src = tmp_path / "llava"
     (src / "images").mkdir(parents=True)
@@ -171,7 +172,7 @@ def test_train_on_pack_stage_output(ray_address, tmp_path):
         names = []
         for j, data in enumerate(s["images"]):
             names.append(f"{k}-{j}.png")
-            (src / "images" / names[-1]).write_bytes(_png(100 * k + j, 60 + 20 * j + k, 50 + 10 * k))
+            (src / "images" / names[-1]).write_bytes(png(100 * k + j, 60 + 20 * j + k, 50 + 10 * k))
         rec = {"id": f"{s['id']}-{k}", "conversations": s["conv"]}
         if names:
             rec["image"] = names if len(names) > 1 else names[0]
@@ -180,9 +181,9 @@ def test_train_on_pack_stage_output(ray_address, tmp_path):
     out = tmp_path / "pack"
     cfg = load_config(overrides=[f"pack.image_folder=\"{src / 'images'}\"", "pack.buckets=2", "pack.plot=false",
                                  "pack.max_len=400", "pack.max_pixels=50176"])
-    run_pack(str(src), str(out), cfg, quiet=True)
+    run_stage(PackStage(), str(src), str(out), cfg, quiet=True)
     stream = PackStream(str(out))
-    collate = PackCollator(stage="2", max_len=400)
+    collate = PackCollator(phase="2", max_len=400)
     n_samples = 0
     for pack in stream.epoch(0):
         batch = collate([pack])
@@ -190,5 +191,35 @@ def test_train_on_pack_stage_output(ray_address, tmp_path):
         assert [int((seg == j).sum()) for j in range(len(pack["sample_lens"]))] == pack["sample_lens"]
         n_samples += len(pack["sample_ids"])
     assert n_samples == len(recs)
-    hist = train_cpu(str(out), steps=2, stage="2", micro_batch=2, max_len=400, log=lambda s: None)
+    hist = train_cpu(str(out), steps=2, phase="2", micro_batch=2, max_len=400, log=lambda s: None)
     assert all(h["loss_tokens"] > 0 for h in hist)
+
+
+# ---------------------------------------------------------------- config: train.phase
+
+
+def test_train_stage_is_an_input_alias_of_train_phase(tmp_path):
+    """`train.stage` (the old name) in a TOML file or `--set` loads as `train.phase`; what the config
+    prints (model_dump, to_toml: `ovpipe config show`) says `phase`; unknown keys stay refused."""
+    from ovpipe.config import load_config
+    from ovpipe.core.config import ConfigError, to_toml
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nstage = "1.5"\n')
+    cfg = load_config(str(toml))
+    assert cfg.train.phase == "1.5" and cfg.train.model_dump()["phase"] == "1.5"
+    assert "stage" not in cfg.train.model_dump()
+    text = to_toml(cfg)
+    assert 'phase = "1.5"' in text and "stage =" not in text
+    assert load_config(None, ["train.stage=2"]).train.phase == "2"  # a number on the command line
+    assert load_config(None, ["train.phase=1.5"]).train.phase == "1.5"
+    assert load_config(str(toml), ["train.phase=1.5"]).train.phase == "1.5"  # both, agreeing
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config(str(toml), ["train.phase=2"])
+    with pytest.raises(ConfigError, match="unknown key 'train.stages'"):
+        load_config(None, ["train.stages=2"])
+    with pytest.raises(ConfigError, match="train.phase"):
+        load_config(None, ["train.phase=3"])
+    again = tmp_path / "again.toml"  # the printed config loads back as it was
+    again.write_text(text)
+    assert load_config(str(again)) == cfg

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovpipe.images import MAX_SOURCE_PIXELS, open_image, to_rgb
+from ovpipe.core.images import MAX_SOURCE_PIXELS, open_image, to_rgb
 
 from packing import tokenizer as ptok
 from trainer.attention import cu_seqlens_from_segments
 from trainer.model import CLIP_MEAN, CLIP_STD
-from trainer.params import Stage, get_stage
+from trainer.params import Phase, get_phase
 
 PATCH = 14
 MERGE = 2
@@ -103,13 +103,13 @@ def _first_diff(a: Sequence[int], b: Sequence[int]) -> int:
 class PackCollator:
     """Callable on a list of pack rows (dicts with PACK_SCHEMA fields)."""
 
-    def __init__(self, tok: ptok.Tokenizer | None = None, stage: Stage | str = "1.5",
+    def __init__(self, tok: ptok.Tokenizer | None = None, phase: Phase | str = "1.5",
                  check_loss_mask: bool = True, system_prompt: str = ptok.DEFAULT_SYSTEM_PROMPT,
                  max_len: int = 8192):
         self.max_len = max_len  # the pack stage's pack.max_len (its truncate policy cuts there)
         self.tok = tok or ptok.load_tokenizer("qwen")
         self.system_prompt = system_prompt  # must be the pack stage's pack.system_prompt
-        self.stage = stage if isinstance(stage, Stage) else get_stage(stage)
+        self.phase = phase if isinstance(phase, Phase) else get_phase(phase)  # training phase
         self.check_loss_mask = check_loss_mask
         self.pad_id = self.tok.special.get("<|endoftext|>", 0)
         self.vision_ids = {self.tok.vision_start, self.tok.vision_end, self.tok.image_pad}
@@ -145,7 +145,7 @@ class PackCollator:
             hws = [pack["image_hw"][k] for k in img_idx]
             try:
                 conv = json.loads(pack["conversations"][i])
-                r = ptok.render_sample(conv, hws, self.tok, loss_on=self.stage.loss_on,
+                r = ptok.render_sample(conv, hws, self.tok, loss_on=self.phase.loss_on,
                                        system_prompt=self.system_prompt)
             except ValueError as e:
                 raise PackMismatchError(f"{where}: cannot render its conversation: {e}") from None
@@ -167,7 +167,7 @@ class PackCollator:
                 j = _first_diff(r.loss_mask, list(mask_all[start:start + lens[i]]))
                 raise PackMismatchError(
                     f"{where}: loss mask differs from the pack's at token {j}: the pack was made with "
-                    f"another loss rule than stage {self.stage.name}'s loss_on={self.stage.loss_on!r}")
+                    f"another loss rule than training phase {self.phase.name}'s loss_on={self.phase.loss_on!r}")
             mask = [m if t not in self.vision_ids else 0 for t, m in zip(r.input_ids, r.loss_mask)]
             out.append({"sample_id": sid, "ids": r.input_ids, "targets": targets_for(r.input_ids, mask),
                         "images": img_idx[:kept]})

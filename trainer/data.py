@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import xxhash
 
-from ovpipe.shards import Location, list_input_shards
+from ovpipe.core.shards import Location, list_input_shards
 from packing.schema import PACK_SCHEMA, PACK_SCHEMA_VERSION
 
 VERSION_KEY = b"ovpipe.pack_schema_version"

@@ -5,9 +5,9 @@ Writes, under ``RUN_DIR/export/``::
     llm/config.json, llm/model.safetensors     the LLM as a Hugging Face Qwen3 folder:
                                               transformers.Qwen3ForCausalLM.from_pretrained(llm/)
     vision_projector.safetensors               vision tower (``vision.*``) and projector (``projector.*``)
-    ovpipe_model.json                          vision config, image-pad id, stage, the run it came from
+    ovpipe_model.json                          vision config, image-pad id, phase, the run it came from
 
-``load_exported(folder)`` rebuilds the whole ``VisionLanguageModel``; the next training stage's
+``load_exported(folder)`` rebuilds the whole ``VisionLanguageModel``; the next training phase's
 ``train.init_from`` points at the run folder and loads its export this way. Under FSDP2 the full
 weights are gathered (a collective: every rank calls ``export_model``) and written by rank 0 only.
 """

@@ -13,7 +13,7 @@ all devices. Per token 6 x the matmul parameters it passes through (LLM blocks f
 ViT blocks + projector for image patches; lm_head only at loss positions), plus causal attention
 6 x layers x width x len per token within its own sample (block-diagonal, so only same-sample
 context counts). Embedding lookups and norms are not counted; frozen parts are counted as if they
-trained (the usual convention), so stage 1's MFU reads high.
+trained (the usual convention), so phase 1's MFU reads high.
 """
 
 from __future__ import annotations

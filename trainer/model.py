@@ -295,7 +295,7 @@ def build_model(vision_cfg: VisionConfig, llm_config=None, llm_path: str | Path 
     """Build the model. The LLM comes from a local Hugging Face Qwen3 folder (``llm_path``) or,
     for tests and the demo, from ``llm_config`` with seeded random weights; the vision tower from
     a local RICE-ViT checkpoint (trainer/checkpoint_convert.py) or seeded random weights. The
-    projector is always new (stage 1 trains it). ``attn_implementation`` (the LLM's isolation path,
+    projector is always new (phase 1 trains it). ``attn_implementation`` (the LLM's isolation path,
     trainer/attention.py): "auto" (flash varlen when flash-attn and CUDA are there, else per-sample),
     "per_sample" (one causal SDPA call per sample; CPU or GPU), "sdpa" (dense block mask; CPU or
     GPU) or "flash_attention_2" (varlen, needs flash-attn and CUDA)."""

@@ -1,7 +1,8 @@
-"""Stage-aware training setup: which modules train in which stage, what the loss is on, and the
-optimizer's parameter groups (separate learning rates for vision / projector / LLM).
+"""Training phases: which modules train in which phase, what the loss is on, and the optimizer's
+parameter groups (separate learning rates for vision / projector / LLM). A phase (1, 1.5, 2) is a
+step of the training recipe, not a pipeline stage (ingest, embed, ..., train).
 
-| stage | trains                     | loss on                                     |
+| phase | trains                     | loss on                                     |
 | ----- | -------------------------- | ------------------------------------------- |
 | 1     | projector only             | the caption (the final assistant turn)       |
 | 1.5   | vision + projector + LLM   | the caption (the final assistant turn)       |
@@ -21,32 +22,32 @@ PARTS = ("vision", "projector", "llm")
 
 
 @dataclass(frozen=True)
-class Stage:
+class Phase:
     name: str
     trainable: tuple[str, ...]
     loss_on: str  # packing.tokenizer.render_sample's loss_on
 
 
-STAGES: dict[str, Stage] = {
-    "1": Stage("1", ("projector",), "last"),
-    "1.5": Stage("1.5", PARTS, "last"),
-    "2": Stage("2", PARTS, "assistant"),
+PHASES: dict[str, Phase] = {
+    "1": Phase("1", ("projector",), "last"),
+    "1.5": Phase("1.5", PARTS, "last"),
+    "2": Phase("2", PARTS, "assistant"),
 }
 
 
-def get_stage(name: str | float) -> Stage:
+def get_phase(name: str | float) -> Phase:
     key = str(name)
-    if key not in STAGES:
-        raise ValueError(f"unknown training stage {name!r}; expected one of {sorted(STAGES)}")
-    return STAGES[key]
+    if key not in PHASES:
+        raise ValueError(f"unknown training phase {name!r}; expected one of {sorted(PHASES)}")
+    return PHASES[key]
 
 
-def apply_stage(model: nn.Module, stage: Stage | str) -> None:
-    """Freeze everything the stage does not train."""
-    stage = stage if isinstance(stage, Stage) else get_stage(stage)
+def apply_phase(model: nn.Module, phase: Phase | str) -> None:
+    """Freeze everything the phase does not train."""
+    phase = phase if isinstance(phase, Phase) else get_phase(phase)
     for part in PARTS:
         for p in getattr(model, part).parameters():
-            p.requires_grad_(part in stage.trainable)
+            p.requires_grad_(part in phase.trainable)
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
@@ -54,16 +55,16 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or "class_" in name
 
 
-def param_groups(model: nn.Module, stage: Stage | str, lr: dict[str, float],
+def param_groups(model: nn.Module, phase: Phase | str, lr: dict[str, float],
                  weight_decay: float = 0.0) -> list[dict]:
     """AdamW-style groups: one (decay, no-decay) pair per trainable part, each with its own lr.
     ``lr`` maps part name -> learning rate (``{"vision": 2e-6, "projector": 1e-3, "llm": 1e-5}``)."""
-    stage = stage if isinstance(stage, Stage) else get_stage(stage)
-    apply_stage(model, stage)
+    phase = phase if isinstance(phase, Phase) else get_phase(phase)
+    apply_phase(model, phase)
     groups = []
-    for part in stage.trainable:
+    for part in phase.trainable:
         if part not in lr:
-            raise ValueError(f"stage {stage.name} trains {part!r} but lr has no entry for it: {lr}")
+            raise ValueError(f"training phase {phase.name} trains {part!r} but lr has no entry for it: {lr}")
         named = [(n, p) for n, p in getattr(model, part).named_parameters() if p.requires_grad]
         # tied embeddings appear once in named_parameters(), so no parameter is in two groups
         decay = [p for n, p in named if not _no_decay(n, p)]

@@ -19,7 +19,7 @@ import torch
 from trainer.collate import PackCollator, to_device
 from trainer.data import PackStream
 from trainer.model import build_model, tiny_llm_config, tiny_vision_config
-from trainer.params import get_stage, param_groups
+from trainer.params import get_phase, param_groups
 
 
 def train_step(model, optimizer, micro_batches: list[dict], loss_tokens: int | None = None,
@@ -40,23 +40,24 @@ def train_step(model, optimizer, micro_batches: list[dict], loss_tokens: int | N
     return {"loss": loss_sum / total, "loss_tokens": total, "grad_norm": float(grad_norm)}
 
 
-def make_optimizer(model, stage: str, lr: dict[str, float], weight_decay: float = 0.0):
-    return torch.optim.AdamW(param_groups(model, stage, lr, weight_decay), betas=(0.9, 0.95), eps=1e-8)
+def make_optimizer(model, phase: str, lr: dict[str, float], weight_decay: float = 0.0):
+    """AdamW over the parameter groups of training phase ``phase`` (trainer/params.py)."""
+    return torch.optim.AdamW(param_groups(model, phase, lr, weight_decay), betas=(0.9, 0.95), eps=1e-8)
 
 
 DEFAULT_LR = {"vision": 2e-6, "projector": 1e-3, "llm": 1e-5}
 
 
-def train_cpu(packs: str, steps: int, stage: str = "1", micro_batch: int = 1, grad_accum: int = 1,
+def train_cpu(packs: str, steps: int, phase: str = "1", micro_batch: int = 1, grad_accum: int = 1,
               seed: int = 0, lr: dict[str, float] | None = None, model=None, max_len: int = 8192,
               log=print) -> list[dict]:
-    """Single-process training on CPU (tiny seeded model unless one is given). ``max_len``: the
-    pack stage's pack.max_len."""
+    """Single-process training of one training phase on CPU (tiny seeded model unless one is
+    given). ``max_len``: the pack stage's pack.max_len."""
     torch.manual_seed(seed)
     model = model or build_model(tiny_vision_config(), tiny_llm_config(), seed=seed)
     model.train()
-    optimizer = make_optimizer(model, stage, lr or DEFAULT_LR)
-    collate = PackCollator(stage=get_stage(stage), max_len=max_len)
+    optimizer = make_optimizer(model, phase, lr or DEFAULT_LR)
+    collate = PackCollator(phase=get_phase(phase), max_len=max_len)
     stream = PackStream(packs, seed=seed)
     batches = stream.batches(micro_batch)
     history = []
@@ -74,12 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="single-process CPU training on packed shards (tiny model)")
     ap.add_argument("--packs", required=True, help="pack stage output folder (or Parquet shards)")
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--stage", default="1", choices=["1", "1.5", "2"])
+    ap.add_argument("--phase", "--stage", dest="phase", default="1", choices=["1", "1.5", "2"],
+                    help="training phase (--stage: its old name)")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-len", type=int, default=8192, help="the pack stage's pack.max_len")
     a = ap.parse_args(argv)
-    train_cpu(a.packs, a.steps, a.stage, a.micro_batch, seed=a.seed, max_len=a.max_len)
+    train_cpu(a.packs, a.steps, a.phase, a.micro_batch, seed=a.seed, max_len=a.max_len)
 
 
 if __name__ == "__main__":

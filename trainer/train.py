@@ -1,8 +1,10 @@
-"""FSDP2 training on packed shards: `torchrun -m trainer.train --input PACKED --output RUN_DIR`.
+"""FSDP2 training of one training phase on packed shards: `torchrun -m trainer.train --input PACKED
+--output RUN_DIR` (the torchrun child that trainer/launch.py starts; ray_jobs/train.py runs the
+same ``train()`` under Ray Train).
 
 Reads: the pack stage's output folder(s) (trainer/data.py; the collator's system prompt, max_len
 and tokenizer come from the pack stage's ``_manifest/_stage.json``), an optional held-out packed
-folder (``train.val_input``), and for stages 1.5 / 2 the previous stage's run folder
+folder (``train.val_input``), and for phases 1.5 / 2 the previous phase's run folder
 (``train.init_from``: its ``export/``). Writes, under RUN_DIR::
 
     checkpoints/  step-N/ (DCP) + latest      trainer/checkpoint.py: resume after a kill
@@ -13,7 +15,7 @@ folder (``train.val_input``), and for stages 1.5 / 2 the previous stage's run fo
 The loop (one optimizer step): every rank takes ``grad_accum`` micro-batches of ``micro_batch``
 packs, the loss-token count is all-reduced, each micro-batch's summed cross-entropy is divided by
 that global count and back-propagated (gradients reduce-scattered with SUM, on the last
-micro-batch only), then clip, AdamW, warmup + cosine schedule. Stage 2 mixtures: micro-batch i of
+micro-batch only), then clip, AdamW, warmup + cosine schedule. Phase 2 mixtures: micro-batch i of
 step s comes from dataset j drawn with the mixture weights from rng(seed, s, i), the same on every
 rank, so all ranks stay in lock step.
 
@@ -38,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ovpipe.config import Config, load_config
+from ovpipe.core.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json
 from trainer import fsdp
 from trainer.checkpoint import Checkpointer
 from trainer.collate import PackCollator, to_device
@@ -45,10 +48,10 @@ from trainer.data import PackStream
 from trainer.export import export_model, load_exported
 from trainer.metrics import FlopCounter, Metrics, peak_flops
 from trainer.model import build_model, tiny_llm_config, tiny_vision_config
-from trainer.params import get_stage
+from trainer.params import get_phase
 from trainer.step import make_optimizer
 
-STAGE_LR = {"1": 1e-4, "1.5": 1e-5, "2": 1e-5}  # reference quick-start recipes
+PHASE_LR = {"1": 1e-4, "1.5": 1e-5, "2": 1e-5}  # reference quick-start recipes
 KILL_ENV = "OVPIPE_TRAIN_KILL_AFTER_STEP"  # tests: SIGKILL every rank right after this step
 
 
@@ -56,10 +59,11 @@ KILL_ENV = "OVPIPE_TRAIN_KILL_AFTER_STEP"  # tests: SIGKILL every rank right aft
 
 
 def build(cfg: Config):
-    """The model for this stage: the previous stage's export, a local Qwen3 (+ RICE-ViT), or tiny."""
+    """The model for this phase: the previous phase's export, a local Qwen3 (+ RICE-ViT), or tiny."""
     t = cfg.train
-    if t.stage != "1" and not t.init_from:
-        raise ValueError(f"stage {t.stage} starts from the previous stage: set train.init_from to its run folder")
+    if t.phase != "1" and not t.init_from:
+        raise ValueError(f"training phase {t.phase} starts from the previous phase: set train.init_from to "
+                         "its run folder")
     if t.init_from:
         export = Path(t.init_from) / "export"
         return load_exported(export if export.exists() else t.init_from, t.attn_implementation)
@@ -90,12 +94,13 @@ def warmup_cosine(optimizer, steps: int, warmup_ratio: float, min_lr_ratio: floa
 
 
 def pack_settings(root: str) -> dict[str, Any]:
-    """system_prompt / max_len / tokenizer of the pack stage that wrote ``root`` (defaults otherwise)."""
-    header = Path(root) / "_manifest" / "_stage.json"
+    """system_prompt / max_len / tokenizer of the pack stage that wrote ``root`` (a local path or an
+    object-store URI; defaults otherwise)."""
+    header = Location.parse(root).join(MANIFEST_DIR, STAGE_FILE)
     pack = {}
     if header.exists():
-        pack = json.loads(header.read_text()).get("payload", {}).get("config", {}).get("pack", {})
-    from ovpipe.config import PackSection
+        pack = read_json(header).get("payload", {}).get("config", {}).get("pack", {})
+    from packing.config import PackSection
 
     d = PackSection()
     return {"system_prompt": pack.get("system_prompt", d.system_prompt), "max_len": pack.get("max_len", d.max_len),
@@ -129,7 +134,7 @@ class Mixture:
 
 def keep_vision_in_graph(model) -> None:
     """A micro-batch without images still runs the ViT and projector (on a 28x28 dummy, weight 0):
-    under FSDP2 every rank must all-gather / reduce-scatter the same blocks, and in stage 1 the
+    under FSDP2 every rank must all-gather / reduce-scatter the same blocks, and in phase 1 the
     loss must depend on the projector. Registered before fully_shard, so it runs inside the
     root's forward (its parameters still unsharded)."""
     def hook(module, args, output):
@@ -188,15 +193,16 @@ def validate(model, val: PackStream, collate, n_packs: int, micro_batch: int, de
 # ----------------------------------------------------------------------------- the run
 
 
-def train(input: str, output: str, cfg: Config, log=print) -> dict[str, Any]:
-    """Run (or resume) one training stage in this process's group. Returns summary.json's content."""
+def train(input: str, output: str, cfg: Config, log=print, *, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) one training phase in this process's group. Returns summary.json's content.
+    ``log``: resume messages; ``quiet``: no progress lines either."""
     t = cfg.train
     rank, world, device = fsdp.init_distributed()
     run_dir = Path(output)
     if (run_dir / "summary.json").exists():
         return json.loads((run_dir / "summary.json").read_text())
     start = time.monotonic()
-    stage = get_stage(t.stage)
+    phase = get_phase(t.phase)
     seed = cfg.run.seed
     torch.manual_seed(seed + rank)
     if rank == 0:
@@ -210,8 +216,8 @@ def train(input: str, output: str, cfg: Config, log=print) -> dict[str, Any]:
     if t.activation_checkpointing:
         fsdp.apply_activation_checkpointing(model)
     fsdp.apply_fsdp(model, device, t.precision)
-    lr = t.lr or STAGE_LR[stage.name]
-    optimizer = make_optimizer(model, stage.name, {"vision": t.vision_lr or lr, "projector": lr, "llm": lr},
+    lr = t.lr or PHASE_LR[phase.name]
+    optimizer = make_optimizer(model, phase.name, {"vision": t.vision_lr or lr, "projector": lr, "llm": lr},
                                t.weight_decay)
     scheduler = warmup_cosine(optimizer, t.steps, t.warmup_ratio, t.min_lr_ratio)
 
@@ -220,10 +226,10 @@ def train(input: str, output: str, cfg: Config, log=print) -> dict[str, Any]:
     settings = [pack_settings(r) for r in roots]
     from packing.tokenizer import load_tokenizer
 
-    collators = [PackCollator(load_tokenizer(s["tokenizer"]), stage=stage, max_len=s["max_len"],
+    collators = [PackCollator(load_tokenizer(s["tokenizer"]), phase=phase, max_len=s["max_len"],
                               system_prompt=s["system_prompt"]) for s in settings]
     val = PackStream(t.val_input, rank, world, seed) if t.val_input else None
-    val_collate = PackCollator(load_tokenizer(pack_settings(t.val_input)["tokenizer"]), stage=stage,
+    val_collate = PackCollator(load_tokenizer(pack_settings(t.val_input)["tokenizer"]), phase=phase,
                                **{k: v for k, v in pack_settings(t.val_input).items() if k != "tokenizer"}) if val else None
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints)
@@ -235,7 +241,7 @@ def train(input: str, output: str, cfg: Config, log=print) -> dict[str, Any]:
         if rank == 0:
             log(f"resumed from {latest} (step {done})")
     metrics = Metrics(run_dir, t.steps, start_step=done, enabled=rank == 0,
-                      progress_interval_s=cfg.run.progress_interval_s)
+                      progress_interval_s=cfg.run.progress_interval_s, log=(lambda s: None) if quiet else None)
     peak = peak_flops(t.peak_tflops)
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
 
@@ -266,14 +272,14 @@ def train(input: str, output: str, cfg: Config, log=print) -> dict[str, Any]:
             metrics.write({"step": step, "val_loss": validate(model, val, val_collate, t.val_packs,
                                                               t.micro_batch, device)})
         if (step + 1) % t.checkpoint_interval == 0 or last:
-            ckpt.save(step + 1, model, optimizer, scheduler, data.streams, {"seed": seed, "stage": stage.name})
+            ckpt.save(step + 1, model, optimizer, scheduler, data.streams, {"seed": seed, "phase": phase.name})
         if step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
     exported = None
     if t.export:
-        exported = export_model(model, run_dir / "export", {"stage": stage.name, "run": str(run_dir)})
-    summary = {"stage": stage.name, "steps": t.steps, "resumed_from_step": done, "world_size": world,
+        exported = export_model(model, run_dir / "export", {"phase": phase.name, "run": str(run_dir)})
+    summary = {"phase": phase.name, "steps": t.steps, "resumed_from_step": done, "world_size": world,
                "inputs": roots, "packs_per_rank_per_epoch": [s.packs_per_epoch() for s in data.streams],
                "export": str(exported) if exported else None, "seconds": round(time.monotonic() - start, 3)}
     if rank == 0:
@@ -286,52 +292,6 @@ def train(input: str, output: str, cfg: Config, log=print) -> dict[str, Any]:
     return summary
 
 
-# ----------------------------------------------------------------------------- demo step
-
-
-def run_training_step(input: str, output: str, cfg: Config, overwrite: bool = False):
-    """The pipeline's train step (ovpipe/pipeline.py). With the tiny seeded model (no
-    ``train.llm_path`` / ``train.init_from``: the demo) it trains a few steps of stage 1, then 1.5,
-    then 2, each from the previous one's export, in this process, into OUT/1, OUT/1.5, OUT/2. With a
-    real model it runs the configured ``train.stage`` under torchrun into OUT/<stage>. Returns a
-    StageSummary: inputs = packs of the input, all kept (training drops nothing)."""
-    import shutil
-
-    from ovpipe.config import config_hash, to_toml
-    from ovpipe.stage import StageSummary
-
-    start = time.monotonic()
-    out = Path(output)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    n_packs = sum(PackStream(input).num_rows)
-    digest = config_hash(cfg.train.model_dump())
-    if cfg.train.llm_path or cfg.train.init_from:
-        (out / cfg.train.stage).mkdir(parents=True, exist_ok=True)
-        toml = out / "train_config.toml"
-        toml.write_text(to_toml(cfg))
-        already = (out / cfg.train.stage / "summary.json").exists()
-        rc = launch(input, str(out / cfg.train.stage), str(toml), [])
-        if rc != 0:
-            raise RuntimeError(f"training stage {cfg.train.stage} failed (exit {rc}); rerun to resume")
-        return StageSummary(stage="train", output=str(out), config_hash=digest, shards=1,
-                            shards_skipped=int(already), input_rows=n_packs, kept_rows=n_packs, dropped_rows=0,
-                            dropped_by_reason={}, seconds=round(time.monotonic() - start, 3))
-    already = (out / "2" / "summary.json").exists()
-    prev = ""
-    for stage, steps in (("1", 3), ("1.5", 2), ("2", 2)):
-        upd = {"stage": stage, "steps": steps, "init_from": prev, "checkpoint_interval": steps,
-               "keep_checkpoints": 1, "lr": cfg.train.lr or (1e-3 if stage == "1" else 1e-4)}
-        scfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=upd)})
-        train(input, str(out / stage), scfg, log=lambda s: print(s, file=sys.stderr))
-        prev = str(out / stage)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return StageSummary(stage="train", output=str(out), config_hash=digest,
-                        shards=3, shards_skipped=3 if already else 0, input_rows=n_packs, kept_rows=n_packs,
-                        dropped_rows=0, dropped_by_reason={}, seconds=round(time.monotonic() - start, 3))
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -342,7 +302,7 @@ def arg_parser(prog: str = "torchrun -m trainer.train") -> argparse.ArgumentPars
     ap.add_argument("--output", required=True, help="run folder: checkpoints, metrics, export")
     ap.add_argument("--config", default=None, help="run config (TOML); the [train] section")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one config key, e.g. --set train.stage=1.5 (repeatable)")
+                    help="override one config key, e.g. --set train.phase=1.5 (repeatable)")
     return ap
 
 
@@ -366,18 +326,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def launch(input: str, output: str, config: str | None, overrides: list[str], nproc_per_node: int = 0) -> int:
-    """`ovpipe train`: run this module under torchrun with one process per GPU (1 on CPU)."""
-    import subprocess
-
-    cfg = load_config(config, overrides)  # fail here, with a clear message, on a bad config
-    n = nproc_per_node or cfg.train.nproc_per_node or (torch.cuda.device_count() or 1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "trainer.train", "--input", input, "--output", output]
-    if config:
-        cmd += ["--config", config]
-    for o in overrides:
-        cmd += ["--set", o]
-    print(" ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)

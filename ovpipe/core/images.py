@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import xxhash
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ovpipe.shards import Location
+from ovpipe.core.shards import Location
 
 # We check pixel counts ourselves (max_pixels, from the header, before any decode); PIL's own
 # warning below its hard limit is noise here. Set once: a catch_warnings per image costs more

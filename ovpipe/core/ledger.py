@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ovpipe.shards import LEDGER_DIR, MANIFEST_DIR, STAGE_FILE, Location
+from ovpipe.core.shards import LEDGER_DIR, MANIFEST_DIR, STAGE_FILE, Location
 
 LEDGER_SCHEMA = pa.schema(
     [

@@ -55,3 +55,17 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in cells[1:]]
     return "\n".join(lines)
+
+
+def summary_table(summaries: list[dict]) -> str:
+    """Per stage: in, kept, dropped by reason, time, resumed shards (and rows/s where known)."""
+    with_rate = all("rows_per_s" in s for s in summaries)
+    rows = []
+    for s in summaries:
+        reasons = ", ".join(f"{r}={c}" for r, c in s["dropped_by_reason"].items()) or "-"
+        rate = [f"{s['rows_per_s']:,.0f}/s"] if with_rate else []
+        rows.append([s["stage"], s["input_rows"], s["kept_rows"], s["dropped_rows"], reasons,
+                     f"{s['seconds']:.1f}s", *rate, f"{s['shards_skipped']}/{s['shards']}"])
+    headers = ["stage", "in", "kept", "dropped", "dropped by reason", "time", *(["rows/s"] if with_rate else []),
+               "resumed"]
+    return format_table(headers, rows)

@@ -227,3 +227,12 @@ def concat_or_empty(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables).cast(schema)
+
+
+def default_source(shard: Location, input_root: Location) -> str:
+    """A sample's source when the input names none: the first folder below the input root (the
+    root's own name if none)."""
+    rel = posixpath.relpath(shard.path, input_root.path)
+    is_dir = shard.fs.get_file_info(shard.path).type == pafs.FileType.Directory
+    folder = rel if is_dir and rel != "." else posixpath.dirname(rel)
+    return folder.split("/")[0] if folder else (input_root.name.removesuffix(".parquet") or "input")
