@@ -13,15 +13,15 @@ Writes: ``OUT/<shard>.parquet``: the input row, without ``embedding`` unless
 
 Search backends (``assign.backend``): ``faiss`` (IndexFlatIP: exact inner product; on GPUs a
 float16 GpuIndexFlatIP when faiss has GPUs), ``torch`` (float32 matmul + topk, CPU or CUDA), and
-``auto`` (torch on CPU: at 100K x 1024 it and faiss' BLAS search were within noise of each
-other here, each ahead in two of four runs of benchmarks/assign.py, and torch needs no extra
-package; on CUDA faiss-gpu when installed, else torch). The choice is a fixed rule, never timed
-at run time; and since the backend only proposes candidates that are rescored exactly, the
-output does not depend on it anyway. Queries go in chunks of ``assign.query_chunk``.
+``auto`` (FAISS wherever it is installed: faiss-cpu on CPU, faiss-gpu on CUDA; else torch;
+faiss-cpu was 1.05-1.34x torch in four runs of benchmarks/assign.py). The choice is a fixed
+rule, never timed at run time; and since the backend only proposes candidates that are rescored
+exactly, the output does not depend on it anyway. Queries go in chunks of ``assign.query_chunk``.
 
 How it runs: ``prepare`` (driver) loads or builds the concept cache once; an actor pool (one
 actor per GPU, or per ``run.workers`` on CPU) each holding the concept vectors processes whole
-input shards and commits each one itself (``ovpipe.core.stage.run_shard``).
+input shards and commits each one through the one commit path (``Pass.execute`` override,
+``ovpipe.core.stage.run_shard_safely``); with ``run.executor = "local"`` the default path.
 """
 
 from __future__ import annotations

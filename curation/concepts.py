@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
+from curation.embed import forward_padded, load_model, resolve_device
+
 BUILTIN = "builtin"
 BUILTIN_TSV = "concepts_bilingual.tsv"
 
@@ -156,8 +158,6 @@ def embed_concepts(names: list[str], spec, template: str, batch_size: int, devic
     passes (as for images: a concept's vector does not depend on its batch-mates)."""
     import open_clip
     import torch
-
-    from curation.embed import forward_padded, load_model, resolve_device
 
     device = resolve_device(device)
     model = load_model(spec, device)

@@ -13,6 +13,8 @@ import importlib.abc
 import importlib.machinery
 import sys
 
+from ovpipe import registry
+
 
 class StageJobFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
     """Finds `ray_jobs.<name>` for every registered stage that has no module file of its own."""
@@ -21,8 +23,6 @@ class StageJobFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
         package, _, name = fullname.partition(".")
         if package != __name__ or not name or "." in name:
             return None
-        from ovpipe import registry  # the top imports the registry; the registry never imports this
-
         if registry.find(name) is None:
             return None
         return importlib.machinery.ModuleSpec(fullname, self, origin=f"ovpipe.registry:{name}")

@@ -18,15 +18,12 @@ import sys
 
 from ovpipe import registry
 from ovpipe.cli import stage_overrides, stage_parser
-from ovpipe.config import load_config
+from ovpipe.config import Config, load_config
 from ovpipe.core.executor import ensure_ray
-from trainer.train import KILL_ENV
+from trainer.train import KILL_ENV, train
 
 
 def _loop(config: dict) -> None:
-    from ovpipe.config import Config
-    from trainer.train import train
-
     if config.get("kill_after") is not None:  # tests: a worker killed mid-run
         os.environ[KILL_ENV] = str(config["kill_after"])
     train(config["input"], config["output"], Config.model_validate(config["config"]))

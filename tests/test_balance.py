@@ -19,7 +19,6 @@ from PIL import Image
 
 from curation.balance import BalanceCountsPass, BalanceSelectPass, BalanceStage
 from curation.balance_core import ConceptLists, neg_log, one_minus_exp_neg, select, uniforms
-from curation.ingest import IngestStage
 from ovpipe.config import load_config
 from ovpipe.core.stage import OutputConflict, run_stage
 from tests.conftest import committed_shards, python_exe, subprocess_env
@@ -163,12 +162,11 @@ def test_zipf_selection_is_flatter_and_report_files(ray_address, zipf_table, tmp
     assert f"balance report: {rep_dir / 'balance_report.json'}" in printed.out + printed.err  # run_stage lists them
 
 
-def test_demo_images_contact_sheet_and_ray_job(ray_address, demo_raw, tmp_path):
+def test_demo_images_contact_sheet_and_ray_job(ray_address, demo_ingested, tmp_path):
     """make-demo-data + ingest + synthetic concept columns -> balance as `python -m ray_jobs.balance`."""
-    run_stage(IngestStage(), str(demo_raw), str(tmp_path / "ingest"), load_config(), quiet=True)
     assign = tmp_path / "assign"
     assign.mkdir()
-    for p in sorted((tmp_path / "ingest").glob("*.parquet")):
+    for p in sorted(demo_ingested.glob("*.parquet")):
         t = pq.read_table(p)
         rng = np.random.default_rng(int(t["sample_hash"][0].as_py()) % 2**32)
         ids = [rng.choice(30, size=3, replace=False, p=np.arange(30, 0, -1) / 465).tolist() for _ in range(t.num_rows)]

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 from ovpipe.core.config import config_hash, to_toml
 from ovpipe.core.shards import Location
 from ovpipe.core.stage import Stage, StageSummary
+from trainer.data import PackStream
+from trainer.train import train
 
 if TYPE_CHECKING:
     from ovpipe.config import Config
@@ -130,8 +132,6 @@ def _train_here(input: str, output: str, cfg: Config, quiet: bool) -> None:
     """One process: train in this process, in a group of one, and leave no group behind."""
     import torch.distributed as dist
 
-    from trainer.train import train
-
     had_group = dist.is_initialized()
     try:
         train(input, output, cfg, log=(lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)),
@@ -142,8 +142,6 @@ def _train_here(input: str, output: str, cfg: Config, quiet: bool) -> None:
 
 
 def _count_packs(input: str, filesystem) -> int:
-    from trainer.data import PackStream
-
     return sum(PackStream(Location.parse(input, filesystem)).num_rows)
 
 

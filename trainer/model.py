@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer import attention
+from trainer.checkpoint_convert import load_rice_vit
 
 IMAGE_PAD_ID = 151655  # <|image_pad|> in Qwen2-VL / Qwen3 vocabularies
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RICE-ViT uses OpenAI CLIP normalisation
@@ -322,8 +323,6 @@ def build_model(vision_cfg: VisionConfig, llm_config=None, llm_path: str | Path 
     model = VisionLanguageModel(vision_cfg, llm)
     _ = model.llm_attention  # fail early on an unsupported implementation
     if vision_checkpoint is not None:
-        from trainer.checkpoint_convert import load_rice_vit
-
         load_rice_vit(model, vision_checkpoint)
     return model
 

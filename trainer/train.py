@@ -41,13 +41,15 @@ import torch.distributed as dist
 
 from ovpipe.config import Config, load_config
 from ovpipe.core.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json
+from packing.config import PackSection
+from packing.tokenizer import load_tokenizer
 from trainer import fsdp
 from trainer.checkpoint import Checkpointer
 from trainer.collate import PackCollator, to_device
 from trainer.data import PackStream
 from trainer.export import export_model, load_exported
 from trainer.metrics import FlopCounter, Metrics, peak_flops
-from trainer.model import build_model, tiny_llm_config, tiny_vision_config
+from trainer.model import VisionConfig, build_model, tiny_llm_config, tiny_vision_config
 from trainer.params import get_phase
 from trainer.step import make_optimizer
 
@@ -76,8 +78,6 @@ def build(cfg: Config):
 
 
 def _rice_vit_config():
-    from trainer.model import VisionConfig
-
     return VisionConfig()  # RICE-ViT-L/14, the reference's tower
 
 
@@ -100,8 +100,6 @@ def pack_settings(root: str) -> dict[str, Any]:
     pack = {}
     if header.exists():
         pack = read_json(header).get("payload", {}).get("config", {}).get("pack", {})
-    from packing.config import PackSection
-
     d = PackSection()
     return {"system_prompt": pack.get("system_prompt", d.system_prompt), "max_len": pack.get("max_len", d.max_len),
             "tokenizer": pack.get("tokenizer", d.tokenizer)}
@@ -224,8 +222,6 @@ def train(input: str, output: str, cfg: Config, log=print, *, quiet: bool = Fals
     roots = [input, *t.datasets]
     data = Mixture(roots, t.mixture_weights, rank, world, seed, t.micro_batch)
     settings = [pack_settings(r) for r in roots]
-    from packing.tokenizer import load_tokenizer
-
     collators = [PackCollator(load_tokenizer(s["tokenizer"]), phase=phase, max_len=s["max_len"],
                               system_prompt=s["system_prompt"]) for s in settings]
     val = PackStream(t.val_input, rank, world, seed) if t.val_input else None
