@@ -80,8 +80,14 @@ def _stage_parser_kwargs(entry: StageEntry) -> dict:
                 epilog=f"example: {entry.example}" if entry.example else None)
 
 
+DESCRIPTION = "LLaVA-OneVision-1.5-style data curation and FSDP2 training, on Ray: stages {}."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ovpipe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ovpipe", description=DESCRIPTION.format(" -> ".join(registry.names())),
+        epilog="ovpipe demo --out demo_out runs every stage on seeded demo data; "
+               "ovpipe <command> --help describes one command.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="show the resolved config")
@@ -119,7 +125,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", default=None, help="raw input (folder or URI); else pipeline.input")
     parser.add_argument("--output", default=None, help="output root (folder or URI); else pipeline.output")
     parser.add_argument("--run-id", default=None, help="version name; else pipeline.run_id or a hash of config + inputs")
-    parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all)")
+    parser.add_argument("--steps", default=None,
+                        help=f"comma-separated steps to run (default: all: {','.join(registry.names())})")
     _add_config_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="delete earlier outputs of these steps first")
 

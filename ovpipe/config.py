@@ -35,8 +35,8 @@ class PipelineSection(Section):
                         json_schema_extra=NOT_HASHED)
     run_id: str = Field("", description="Name of this run's version; empty = a hash of config + input listing.",
                         json_schema_extra=NOT_HASHED)
-    steps: list[str] = Field([], description="Steps to run; empty = all (ingest, embed, assign, balance, "
-                             "caption, pack, train).", json_schema_extra=NOT_HASHED)
+    steps: list[str] = Field([], description=f"Steps to run; empty = all ({', '.join(registry.names())}).",
+                             json_schema_extra=NOT_HASHED)
 
 
 def _compose() -> type[Section]:

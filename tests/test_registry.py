@@ -95,6 +95,7 @@ def test_a_toy_stage_added_to_the_registry_runs_through_cli_pipeline_and_ray_job
     local = ["--set", "run.executor=local"]
 
     assert "keep_even" in _help(["--help"], cli.main)
+    assert "keep_even" in _help(["run", "--help"], cli.main)  # a step of `ovpipe run` too
     assert cli.main(["keep_even", "--input", raw, "--output", str(tmp_path / "cli"), "--quiet", *local]) == 0
     assert "keep_even" in capsys.readouterr().out  # the summary table names it
     assert _kept(tmp_path / "cli") == [0, 2, 4, 6, 8]
