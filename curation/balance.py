@@ -147,10 +147,6 @@ class BalanceCountsPass(Pass):
     folder = "_counts"
     counts_samples = False
 
-    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
-        check_size_options(ctx.cfg.balance)  # the first hook of the stage: refuse before any work
-        return {}
-
     def process(self, task: ShardTask) -> ShardOutput:
         rows = _load(task.config.balance, task.input)
         n = len(rows.codes)
@@ -178,10 +174,12 @@ class BalanceSelectPass(Pass):
 
     def __init__(self) -> None:
         self.state: BalanceState | None = None
+        self._quiet = False  # prepare's progress lines (--quiet)
 
     # ---- global reductions on the driver
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
-        cfg = ctx.cfg  # the size options were checked by the counts pass's prepare
+        cfg = ctx.cfg  # the size options were checked by BalanceStage.check, before any pass ran
+        self._quiet = ctx.quiet
         state = self._count(ctx, shards)
         inputs = [s.input for s in shards]
         if cfg.balance.mode == "metaclip":
@@ -206,7 +204,7 @@ class BalanceSelectPass(Pass):
         folder = ctx.stage_output.join(BalanceCountsPass.folder)
         files = [folder.join(entries[name]["output"]) for name in sorted(entries)]
         counts = np.zeros(max(cfg.balance.num_concepts, 1), dtype=np.int64)
-        for ids, c in map_shards(_read_counts, files, (), cfg, "concept counts"):
+        for ids, c in map_shards(_read_counts, files, (), cfg, "concept counts", self._quiet):
             if len(ids) and int(ids.max()) >= len(counts):
                 counts = np.concatenate([counts, np.zeros(int(ids.max()) + 1 - len(counts), np.int64)])
             counts[ids] += c  # ids are unique within a shard
@@ -229,11 +227,11 @@ class BalanceSelectPass(Pass):
         if 0 < state.n_select < state.usable_rows:
             def histogram(prefix):
                 return sum(map_shards(histogram_pass, shards, (bcfg, state.counts, state.seed, prefix), cfg,
-                                      f"key histogram (level {len(prefix)})"))
+                                      f"key histogram (level {len(prefix)})", self._quiet))
 
             def candidates(prefix):
                 parts = list(map_shards(candidates_pass, shards, (bcfg, state.counts, state.seed, prefix), cfg,
-                                        "boundary candidates"))
+                                        "boundary candidates", self._quiet))
                 return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
             state.cutoff = find_cutoff(state.n_select, histogram, candidates, bcfg.candidate_rows)
@@ -246,12 +244,13 @@ class BalanceSelectPass(Pass):
         target = size_from(state.usable_rows, bcfg.target, bcfg.fraction)
 
         def expected(ts):
-            return sum(map_shards(expected_pass, shards, (bcfg, state.counts, ts), cfg, "expected size"))
+            return sum(map_shards(expected_pass, shards, (bcfg, state.counts, ts), cfg, "expected size", self._quiet))
 
         state.threshold, state.expected_size = solve_threshold(target, int(state.counts.max(initial=1)), expected)
         state.threshold_solved = True
-        print(f"[balance] metaclip: solved t = {state.threshold:.6g} for an expected size of {target:,} "
-              f"(expected {state.expected_size:,.1f})", file=sys.stderr, flush=True)
+        if not self._quiet:
+            print(f"[balance] metaclip: solved t = {state.threshold:.6g} for an expected size of {target:,} "
+                  f"(expected {state.expected_size:,.1f})", file=sys.stderr, flush=True)
 
     # ---- one shard
     def decide(self, rows: ShardRows, weighting: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -493,11 +493,12 @@ def source_counts(rows: ShardRows) -> Counter:
 
 # ---------------------------------------------------------------- global state
 
-def map_shards(fn: Callable, shards: list[Location], shared: tuple, cfg: Any, label: str) -> Iterator[Any]:
+def map_shards(fn: Callable, shards: list[Location], shared: tuple, cfg: Any, label: str,
+               quiet: bool = False) -> Iterator[Any]:
     """fn(*shared, shard) for every shard (ovpipe.core.executor decides: Ray tasks or this process),
     with a progress line; results in completion order (callers reduce them with order-free
     integer sums or sort them)."""
-    progress = Progress(f"balance: {label}", len(shards), cfg.run.progress_interval_s)
+    progress = Progress(f"balance: {label}", len(shards), cfg.run.progress_interval_s, quiet=quiet)
     for result in map_tasks(fn, [(s,) for s in shards], cfg, shared=shared):
         yield result
         progress.update(1)

@@ -474,9 +474,11 @@ def _require(table: pa.Table, task: ShardTask, columns: list[str]) -> None:
 # --- pass 2: the global duplicate pass ---------------------------------------------------------
 
 class CaptionDedupPass(Pass):
-    """Pass 2 (``OUT``). ``prepare`` runs the global reduction and writes each shard's losers to
-    ``OUT/_dedup/<shard>.parquet`` (row, reason, detail): tasks read only their own file, so
-    nothing of size O(dataset) travels to every task. Rewritten identically on every run."""
+    """Pass 2 (``OUT``). ``prepare`` runs the global reduction (in memory: the loser rows of each
+    shard); ``execute``, which runs only once the runner has accepted this pass's output folder,
+    writes each pending shard's losers to ``OUT/_dedup/<shard>.parquet`` (row, reason, detail)
+    before its task runs: tasks read only their own file, so nothing of size O(dataset) travels
+    to every task. A refused run changes nothing."""
 
     name = "caption_dedup"
     config_sections = ("run", "caption")
@@ -486,20 +488,23 @@ class CaptionDedupPass(Pass):
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         c = ctx.cfg.caption
-        files = [s.input for s in shards]
-        losers = find_duplicate_rows(files, c)
-        folder = ctx.output.join(DEDUP_DIR)
-        folder.delete_tree()
+        losers = find_duplicate_rows([s.input for s in shards], c)
+        self._losers = {s.name: losers.get(s.input.path, LOSER_SCHEMA.empty_table()) for s in shards}
         digest = xxhash.xxh3_64()
         for s in shards:
-            table = losers.get(s.input.path, LOSER_SCHEMA.empty_table())
-            write_table(folder.join(f"{s.name}.parquet"), table)
+            table = self._losers[s.name]
             digest.update(s.input.name.encode())
             digest.update(table.column("row").to_numpy().tobytes())
             digest.update("\n".join(table.column("reason").to_pylist()).encode())
         return {"dedup": {"exact": c.dedup_exact, "near_dup_threshold": c.near_dup_threshold,
                           "minhash_bands": c.minhash_bands},
                 "losers": sum(t.num_rows for t in losers.values()), "losers_digest": digest.hexdigest()}
+
+    def execute(self, pending: list[ShardTask], ctx: PassContext, progress: Progress) -> dict[str, str]:
+        for task in pending:
+            write_table(ctx.output.join(DEDUP_DIR, f"{task.shard}.parquet"), self._losers[task.shard])
+        self._losers = {}  # not shipped to the tasks
+        return super().execute(pending, ctx, progress)
 
     def process(self, task: ShardTask) -> ShardOutput:
         table = read_table(task.input)

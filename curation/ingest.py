@@ -96,7 +96,7 @@ class IngestStage(SinglePassStage):
         shards = [s.input for s in shards]
         committed = self._committed_outputs(cfg, ctx.output, set(names))
         jobs = [(committed.get(n, s), n in committed, i) for i, (s, n) in enumerate(zip(shards, names))]
-        losers = _find_duplicates(jobs, cfg)
+        losers = _find_duplicates(jobs, cfg, ctx.quiet)
         self._unhashed = {names[shard] for shard, row, _, _ in losers.tolist() if row == _UNHASHED}
         for shard, row, w_shard, w_row in losers.tolist():
             if row == _UNHASHED:
@@ -232,9 +232,9 @@ def _winners_and_losers(occ: np.ndarray) -> np.ndarray:
     return np.stack([occ["shard"][lose], occ["row"][lose], winners["shard"], winners["row"]], axis=1).astype(np.int64)
 
 
-def _find_duplicates(jobs: list[tuple[Location, bool, int]], cfg: Config) -> np.ndarray:
+def _find_duplicates(jobs: list[tuple[Location, bool, int]], cfg: Config, quiet: bool = False) -> np.ndarray:
     partitions = cfg.ingest.dedup_partitions
-    progress = Progress("ingest:dedup", len(jobs), cfg.run.progress_interval_s)
+    progress = Progress("ingest:dedup", len(jobs), cfg.run.progress_interval_s, quiet=quiet)
     if not uses_ray(cfg):
         maps = []
         for loc, committed, i in jobs:

@@ -1,6 +1,6 @@
 """`ovpipe demo`: make seeded demo data and run every pipeline step on it, on a local Ray.
 
-Layout under --out: raw/ (demo input), then one folder per step of ovpipe/pipeline.py's STEPS
+Layout under --out: raw/ (demo input), then one folder per registered stage (ovpipe/registry.py)
 (ingest/, embed/, ..., pack/), flat: the demo has one version. Each step reads the committed
 output of the step before it. Re-running resumes; --overwrite starts again.
 """

@@ -72,12 +72,12 @@ def run_pipeline(input: str, output: str, cfg: Config, *, run_id: str | None = N
     unknown = sorted(set(wanted) - set(step_names()))
     if unknown:
         raise ValueError(f"unknown pipeline steps {unknown}; the steps are {step_names()}")
+    inputs = _input_listing(input_root, cfg)
+    run_id = run_id or default_run_id(inputs, cfg)
     stages = {e.name: e.load() for e in registry.STAGES if e.name in wanted}
     for entry in registry.STAGES:  # loud checks before hours of curation, not after
         if entry.name in wanted:
-            stages[entry.name].check(cfg, step_folder(out, entry, "check", versioned).uri())
-    inputs = _input_listing(input_root, cfg)
-    run_id = run_id or default_run_id(inputs, cfg)
+            stages[entry.name].check(cfg, step_folder(out, entry, run_id, versioned).uri())
     folders = {registry.INPUT: input_root}
     records = []
     for entry in registry.STAGES:

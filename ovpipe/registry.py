@@ -17,10 +17,9 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovpipe.core.stage import Stage
+from ovpipe.core.stage import INPUT, Stage  # INPUT: reads the pipeline's raw input
 
 SHARED, VERSION = "shared", "version"  # scope: one folder for every run (incremental), or one per run
-INPUT = "input"  # reads: the pipeline's raw input
 
 
 @dataclass(frozen=True)

@@ -267,8 +267,11 @@ def test_dedup_setting_change_is_refused_then_overwrite_keeps_the_captions(inges
         assert not (out / "_captions" / "_dedup").exists()
         captions = pass1_entries(out)
         stamps = {p.name: p.stat().st_mtime_ns for p in (out / "_captions").glob("*.parquet")}
+        dedup_bytes = {p.name: p.read_bytes() for p in (out / "_dedup").glob("*.parquet")}
         with pytest.raises(OutputConflict):
             caption(ingested, out, openai_overrides(server, "caption.near_dup_threshold=0.5"))
+        # a refused run changes nothing: the loser lists still match the committed output
+        assert {p.name: p.read_bytes() for p in (out / "_dedup").glob("*.parquet")} == dedup_bytes
         server.reset_stats()
         summary = caption(ingested, out, openai_overrides(server, "caption.near_dup_threshold=0.5"),
                           overwrite=True)

@@ -3,9 +3,11 @@ itself and the registry (CLI, pipeline and Ray job entry points generated from o
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from ovpipe.core.ledger import Ledger
 from ovpipe.core.shards import read_table
-from ovpipe.core.stage import ShardOutput, SinglePassStage
+from ovpipe.core.stage import Pass, ShardOutput, SinglePassStage, Stage
 
 
 class KeepEvenStage(SinglePassStage):
@@ -29,3 +31,42 @@ class KeepEvenStage(SinglePassStage):
             else:
                 keep.append(i)
         return ShardOutput(table.take(keep), ledger, table.num_rows)
+
+
+class MarkPass(Pass):
+    """Pass 1 of the two-pass toy: keeps every row, adds `seed`; fails on the shards in `fail`."""
+
+    name = "mark"
+    config_sections = ("run",)
+    folder = "_marked"
+
+    def __init__(self, fail: tuple[str, ...] = ()):
+        self.fail = fail
+
+    def process(self, task):
+        if task.shard in self.fail:
+            raise RuntimeError(f"toy failure in {task.shard}")
+        table = read_table(task.input)
+        seed = task.config.run.seed
+        return ShardOutput(table.append_column("seed", pa.array([seed] * table.num_rows, pa.int64())),
+                           Ledger(self.name), table.num_rows)
+
+
+class KeepEvenAfterMark(KeepEvenStage):
+    """Pass 2 of the two-pass toy: KeepEvenStage reading pass 1, writing the stage's output."""
+
+    name = "keep_even_marked"
+    reads = "mark"
+    folder = ""
+
+
+class TwoPassToy(Stage):
+    """mark (OUT/_marked) -> keep_even_marked (OUT): the smallest multi-pass stage."""
+
+    name = "two_pass_toy"
+
+    def __init__(self, fail: tuple[str, ...] = ()):
+        self.fail = fail
+
+    def passes(self):
+        return [MarkPass(self.fail), KeepEvenAfterMark()]

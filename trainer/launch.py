@@ -96,8 +96,9 @@ class TrainStage(Stage):
         runs, prev = [], ""
         for phase, steps in DEMO_CHAIN:
             folder = _join(output, phase)
+            # one process, as before the launcher was shared: the demo's ~2 packs cannot feed a rank per GPU
             upd = {"phase": phase, "steps": steps, "init_from": prev, "checkpoint_interval": steps,
-                   "keep_checkpoints": 1, "lr": t.lr or (1e-3 if phase == "1" else 1e-4)}
+                   "keep_checkpoints": 1, "lr": t.lr or (1e-3 if phase == "1" else 1e-4), "nproc_per_node": 1}
             runs.append((folder, cfg.model_copy(update={"train": t.model_copy(update=upd)})))
             prev = folder
         return runs

@@ -292,7 +292,7 @@ def train(input: str, output: str, cfg: Config, log=print, *, quiet: bool = Fals
 
 
 def arg_parser(prog: str = "torchrun -m trainer.train") -> argparse.ArgumentParser:
-    """The trainer's flags; launchers (ray_jobs.train) add theirs to the same parser."""
+    """The flags of the torchrun entry point (trainer/launch.py starts it with --config)."""
     ap = argparse.ArgumentParser(prog=prog, description="FSDP2 training on packed shards")
     ap.add_argument("--input", required=True, help="packed shards (the pack stage's output folder)")
     ap.add_argument("--output", required=True, help="run folder: checkpoints, metrics, export")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import timedelta
@@ -14,11 +15,11 @@ def _fmt_duration(seconds: float) -> str:
 class Progress:
     """Prints one line per interval to stderr: shards done, rows, rows/s, ETA."""
 
-    def __init__(self, label: str, total_units: int, interval_s: float = 5.0, stream=None):
+    def __init__(self, label: str, total_units: int, interval_s: float = 5.0, stream=None, quiet: bool = False):
         self.label = label
         self.total = total_units
         self.interval = interval_s
-        self.stream = stream or sys.stderr
+        self.stream = open(os.devnull, "w") if quiet else (stream or sys.stderr)
         self.start = time.monotonic()
         self.last_print = 0.0
         self.units = 0

@@ -127,7 +127,7 @@ class PassContext:
     stage_output: Location
     cfg: Any
     done: dict[str, "PassResult"] = field(default_factory=dict)  # earlier passes, by name
-    quiet: bool = False  # no progress lines (prepare's reductions print through Progress too)
+    quiet: bool = False  # no progress lines: prepare's own reductions pass it to their Progress
 
 
 @dataclass
@@ -237,7 +237,15 @@ def run_stage(stage: Stage, input: str, output: str, cfg: Any, *, filesystem=Non
     out = Location.parse(output, filesystem)
     stage.check(cfg, output)  # before anything is read, cleared or written
     passes = stage.passes()
+    _refuse_overlap(stage.name, stage_input, out)
     _refuse_foreign_output(out, passes)
+    if overwrite:  # every pass that is redone is cleared before any runs (last first): a crash
+        for p in reversed(passes):  # part-way never leaves an old output beside a new one
+            if not p.keep_on_overwrite:
+                clear_folder(_folder(out, p), _subfolders(passes, p))
+    else:  # a changed config is refused before any pass writes anything
+        for p in passes:
+            refuse_changed_config(stage.name, p, _folder(out, p), cfg)
     results: dict[str, PassResult] = {}
     for p in passes:
         reads = stage_input if p.reads == INPUT else _folder(out, _pass_named(passes, p.reads))
@@ -255,14 +263,14 @@ def run_stage(stage: Stage, input: str, output: str, cfg: Any, *, filesystem=Non
 
 def run_pass(p: Pass, ctx: PassContext, *, overwrite: bool = False, quiet: bool = False,
              keep: tuple[str, ...] = ()) -> PassResult:
-    """One pass: plan, check the output header, resume, execute, check the accounting."""
+    """One pass: plan, check the output header, resume, execute, check the accounting. (With
+    ``overwrite``, run_stage has cleared the pass's folder already unless it is keep_on_overwrite:
+    then an output of another config is replaced, one of the same config kept.)"""
     start = time.monotonic()
-    if overwrite and not p.keep_on_overwrite:  # before planning: prepare() never sees outputs about to go
-        clear_folder(ctx.output, keep)
     tasks, global_state = plan_tasks(p, ctx)
     digest = tasks[0].config_hash
-    open_output(ctx.output, pass_payload(p, ctx.cfg, global_state), digest,
-                replace=overwrite and p.keep_on_overwrite, keep=keep)
+    open_output(ctx.output, pass_payload(p, ctx.cfg, global_state), digest, replace=overwrite, keep=keep,
+                stage=ctx.stage)
     done = read_manifest_entries(ctx.output)
     gone = sorted(set(done) - {t.shard for t in tasks})
     if gone:
@@ -278,8 +286,7 @@ def run_pass(p: Pass, ctx: PassContext, *, overwrite: bool = False, quiet: bool 
     pending = [t for t in tasks if t.shard not in done]
     failed: dict[str, str] = {}
     if pending:
-        progress = Progress(p.name, len(pending), ctx.cfg.run.progress_interval_s,
-                            stream=open(os.devnull, "w") if quiet else None)
+        progress = Progress(p.name, len(pending), ctx.cfg.run.progress_interval_s, quiet=quiet)
         failed = p.execute(pending, ctx, progress)
     wanted = {t.shard for t in tasks}
     entries = {k: v for k, v in read_manifest_entries(ctx.output).items() if k in wanted}
@@ -292,7 +299,8 @@ def run_pass(p: Pass, ctx: PassContext, *, overwrite: bool = False, quiet: bool 
             f"re-run the same command to retry only the failed ones):\n{lines}"
         )
     check_accounting(summary, ctx.output, entries)
-    write_json(ctx.output.join(MANIFEST_DIR, SUMMARY_FILE), summary.to_json())
+    if ctx.output != ctx.stage_output:  # the stage's own folder gets the stage summary, once it adds up
+        write_json(ctx.output.join(MANIFEST_DIR, SUMMARY_FILE), summary.to_json())
     return PassResult(summary, entries, ctx.output)
 
 
@@ -333,7 +341,8 @@ def _pass_named(passes: list[Pass], name: str) -> Pass:
 
 
 def _subfolders(passes: list[Pass], p: Pass) -> tuple[str, ...]:
-    """Folders of other passes inside this pass's folder: never cleared with it."""
+    """Folders of other passes inside this pass's folder: never cleared with it. (Pass folders are
+    one level below the stage's output, and only the last pass writes the output itself.)"""
     return tuple(q.folder for q in passes if q is not p and q.folder and not p.folder)
 
 
@@ -356,17 +365,57 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _refuse_foreign_output(out: Location, passes: list[Pass]) -> None:
-    headers = [(_folder(out, p)).join(MANIFEST_DIR, STAGE_FILE) for p in passes]
-    if out.is_dir() and out.list_files() and not any(h.exists() for h in headers):
+def _refuse_overlap(stage: str, stage_input: Location, out: Location) -> None:
+    """An output inside its input would be read back as input on the next run (and --overwrite of
+    an input inside its output would delete it)."""
+    a, b = stage_input.path.rstrip("/"), out.path.rstrip("/")
+    if type(stage_input.fs) is type(out.fs) and (a == b or b.startswith(a + "/") or a.startswith(b + "/")):
         raise OutputConflict(
-            f"output {out.uri()!r} is not empty and is not an ovpipe stage output (no "
-            f"{MANIFEST_DIR}/{STAGE_FILE}); choose an empty or new folder."
+            f"{stage}: the output {out.uri()!r} and the input {stage_input.uri()!r} overlap (one is inside "
+            "the other); write the output to a folder outside the input."
+        )
+
+
+def _foreign(out: Location, passes_headers: list[Location]) -> bool:
+    return out.is_dir() and bool(out.list_files()) and not any(h.exists() for h in passes_headers)
+
+
+def _foreign_output_error(out: Location) -> OutputConflict:
+    return OutputConflict(
+        f"output {out.uri()!r} is not empty and is not an ovpipe stage output (no {MANIFEST_DIR}/"
+        f"{STAGE_FILE}); choose an empty or new folder (--overwrite only deletes ovpipe outputs)."
+    )
+
+
+def _refuse_foreign_output(out: Location, passes: list[Pass]) -> None:
+    if _foreign(out, [_folder(out, p).join(MANIFEST_DIR, STAGE_FILE) for p in passes]):
+        raise _foreign_output_error(out)
+
+
+def _who(stage: str, pass_name: str) -> str:
+    return repr(stage) if stage == pass_name else f"{stage!r} (pass {pass_name!r})"
+
+
+def refuse_changed_config(stage: str, p: Pass, out: Location, cfg: Any) -> None:
+    """Before any pass runs: a pass folder written by another pass or with other config sections is
+    refused now, not after the passes before it have run (its global state, known only after its
+    ``prepare``, is checked again when the pass opens its folder)."""
+    header = out.join(MANIFEST_DIR, STAGE_FILE)
+    if not header.exists():
+        return
+    old = read_json(header).get("payload", {})
+    new = pass_payload(p, cfg)
+    if any(old.get(k) != new.get(k) for k in ("stage", "schema_version", "config")):
+        old_state = {k: v for k, v in old.items() if k != "global_state"}
+        raise OutputConflict(
+            f"output {out.uri()!r} was written by {_who(stage, str(old.get('stage')))} with another config "
+            f"than this run of {_who(stage, p.name)}. Changed: {_describe_change(old_state, new)}. Write to a "
+            "new --output, or pass --overwrite to delete the old output and start again."
         )
 
 
 def open_output(out: Location, payload: dict[str, Any], digest: str, *, replace: bool = False,
-                keep: tuple[str, ...] = ()) -> None:
+                keep: tuple[str, ...] = (), stage: str = "") -> None:
     """Check a pass's folder against this run's config; write the header if new. With ``replace``
     an output of another config is deleted (--overwrite of a ``keep_on_overwrite`` pass)."""
     header = out.join(MANIFEST_DIR, STAGE_FILE)
@@ -376,8 +425,9 @@ def open_output(out: Location, payload: dict[str, Any], digest: str, *, replace:
             return
         if not replace:
             raise OutputConflict(
-                f"output {out.uri()!r} was written by stage {old.get('stage')!r} with config hash "
-                f"{old.get('config_hash')}; this run ({payload['stage']}) has {digest}. Changed: "
+                f"output {out.uri()!r} was written by {_who(stage or payload['stage'], str(old.get('stage')))} "
+                f"with config hash {old.get('config_hash')}; this run of "
+                f"{_who(stage or payload['stage'], payload['stage'])} has {digest}. Changed: "
                 f"{_describe_change(old.get('payload', {}), payload)}. Write to a new --output, "
                 "or pass --overwrite to delete the old output and start again."
             )
@@ -389,14 +439,8 @@ def open_output(out: Location, payload: dict[str, Any], digest: str, *, replace:
 def clear_folder(out: Location, keep: tuple[str, ...] = ()) -> None:
     """--overwrite: delete an earlier ovpipe output (but the sub-folders in ``keep``: other passes');
     a foreign non-empty folder is refused."""
-    if not out.join(MANIFEST_DIR, STAGE_FILE).exists():
-        others = [k for k in keep if out.join(k, MANIFEST_DIR, STAGE_FILE).exists()]
-        if not others and out.is_dir() and out.list_files():
-            raise OutputConflict(
-                f"output {out.uri()!r} is not empty and is not an ovpipe stage output (no "
-                f"{MANIFEST_DIR}/{STAGE_FILE}); --overwrite only deletes ovpipe outputs. Choose an "
-                "empty or new folder."
-            )
+    if _foreign(out, [out.join(MANIFEST_DIR, STAGE_FILE), *(out.join(k, MANIFEST_DIR, STAGE_FILE) for k in keep)]):
+        raise _foreign_output_error(out)
     if not keep:
         out.delete_tree()
         return
