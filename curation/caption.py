@@ -318,6 +318,26 @@ def caption_vllm(sample_ids: list[str], images: list[bytes | None], languages: l
 
 # --- pass 1 ------------------------------------------------------------------------------------
 
+def check_caption_config(cfg: Config) -> None:
+    """What the config alone can tell is wrong, before any pass (or, in a pipeline, any step) runs."""
+    c = cfg.caption
+    if c.minhash_perms % c.minhash_bands:
+        raise ValueError(f"caption.minhash_bands ({c.minhash_bands}) must divide caption.minhash_perms "
+                         f"({c.minhash_perms})")
+    if c.backend == "concepts":
+        if not c.concepts_vocabulary and cfg.assign.vocabulary != "builtin":
+            # concept ids index assign's vocabulary; the built-in TSV would name other concepts
+            raise ValueError(
+                f"caption.backend = 'concepts' names concept ids, and assign used the vocabulary "
+                f"{cfg.assign.vocabulary!r}, not the built-in one; set caption.concepts_vocabulary to "
+                "a TSV (id, en, zh) with that vocabulary's ids, or use the openai/vllm backend")
+        return
+    if not c.model:
+        raise ValueError(f"caption.backend = {c.backend!r} needs caption.model (--model NAME)")
+    if c.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        caption_vllm([], [], [], c, 0)  # raises the clear MissingBackend message
+
+
 class CaptionPass(Pass):
     """Pass 1: caption and filter every sample of one input shard (``OUT/_captions``)."""
 
@@ -333,25 +353,13 @@ class CaptionPass(Pass):
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         cfg = ctx.cfg
         c = cfg.caption
-        if c.minhash_perms % c.minhash_bands:
-            raise ValueError(f"caption.minhash_bands ({c.minhash_bands}) must divide caption.minhash_perms "
-                             f"({c.minhash_perms})")
+        check_caption_config(cfg)
         digest: dict[str, Any] = {}
         if c.min_image_text_similarity > -1:  # the embed model is part of what decides the output
             digest["similarity_model"] = ModelSpec.from_config(cfg.embed).identity()
         if c.backend == "concepts":
-            if not c.concepts_vocabulary and cfg.assign.vocabulary != "builtin":
-                # concept ids index assign's vocabulary; the built-in TSV would name other concepts
-                raise ValueError(
-                    f"caption.backend = 'concepts' names concept ids, and assign used the vocabulary "
-                    f"{cfg.assign.vocabulary!r}, not the built-in one; set caption.concepts_vocabulary to "
-                    "a TSV (id, en, zh) with that vocabulary's ids, or use the openai/vllm backend")
             self.vocabulary = load_vocabulary(c.concepts_vocabulary)
             return {**digest, "vocabulary": self.vocabulary[2], "concepts": len(self.vocabulary[0])}
-        if not c.model:
-            raise ValueError(f"caption.backend = {c.backend!r} needs caption.model (--model NAME)")
-        if c.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            caption_vllm([], [], [], c, 0)  # raises the clear MissingBackend message
         return digest
 
     def execute(self, pending: list[ShardTask], ctx: PassContext, progress: Progress) -> dict[str, str]:
@@ -620,3 +628,6 @@ class CaptionStage(Stage):
 
     def passes(self) -> list[Pass]:
         return [CaptionPass(), CaptionDedupPass()]
+
+    def check(self, cfg: Config, output: str) -> None:
+        check_caption_config(cfg)
