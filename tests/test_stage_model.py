@@ -54,6 +54,10 @@ def test_a_changed_config_is_refused_before_any_pass_writes(tmp_path):
     with pytest.raises(OutputConflict, match=r"'two_pass_toy' \(pass 'mark'\).*run\.seed: 0 -> 5"):
         run_stage(TwoPassToy(), raw, str(out), _cfg("run.seed=5"), quiet=True)
     assert _mtimes(out) == before
+    # a change only the second pass hashes is refused before the first pass (complete) writes
+    with pytest.raises(OutputConflict, match=r"pass 'keep_even_marked'.*pack\.max_len: 8192 -> 100"):
+        run_stage(TwoPassToy(), raw, str(out), _cfg("pack.max_len=100"), quiet=True)
+    assert _mtimes(out) == before
     # another stage's output is refused before this stage's first pass writes into it
     with pytest.raises(OutputConflict, match="keep_even_marked"):
         run_stage(KeepEvenStage(), raw, str(out), _cfg(), quiet=True)

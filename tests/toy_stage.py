@@ -56,6 +56,7 @@ class KeepEvenAfterMark(KeepEvenStage):
     """Pass 2 of the two-pass toy: KeepEvenStage reading pass 1, writing the stage's output."""
 
     name = "keep_even_marked"
+    config_sections = ("run", "pack")  # a section pass 1 does not hash: a change only pass 2 sees
     reads = "mark"
     folder = ""
 
