@@ -207,7 +207,8 @@ class Stage:
         return run_stage(self, input, output, cfg, filesystem=filesystem, overwrite=overwrite, quiet=quiet)
 
     def check(self, cfg: Any, output: str) -> None:
-        """Loud checks of the config against the output, before any step of a pipeline runs."""
+        """Loud checks of the config (and the output), before anything is read or written: run_stage
+        calls it first, and the pipeline calls it for every step before the first step runs."""
 
     def resolve_output(self, cfg: Any, output: str, run_id: str) -> str:
         """Where the pipeline's step really writes (training: checkpoints need a filesystem)."""
