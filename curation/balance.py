@@ -91,7 +91,6 @@ from ovpipe.core.stage import (
     ShardTask,
     Stage,
     StageSummary,
-    iter_entries,
 )
 
 if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
@@ -201,8 +200,7 @@ class BalanceSelectPass(Pass):
         if stale or extra:
             raise RuntimeError(f"balance: the input changed while the stage ran (shards not counted as they "
                                f"are now: {(stale + extra)[:5]}); re-run the same command")
-        folder = ctx.stage_output.join(BalanceCountsPass.folder)
-        files = [folder.join(entries[name]["output"]) for name in sorted(entries)]
+        files = [done.output.join(entries[name]["output"]) for name in sorted(entries)]
         counts = np.zeros(max(cfg.balance.num_concepts, 1), dtype=np.int64)
         for ids, c in map_shards(_read_counts, files, (), cfg, "concept counts", self._quiet):
             if len(ids) and int(ids.max()) >= len(counts):
@@ -326,5 +324,6 @@ class BalanceStage(Stage):
         check_size_options(cfg.balance)  # a pipeline refuses a bad size option before its first step
 
     def report(self, out: Location, cfg: Config, summary: StageSummary, results: dict[str, PassResult]) -> list[str]:
-        shards = [out.join(e["output"]) for e in iter_entries(results, self.select.name)]
+        entries = results[self.select.name].entries
+        shards = [out.join(entries[name]["output"]) for name in sorted(entries)]
         return write_report(self.select.state, out, cfg, shards, summary.kept_rows)

@@ -352,8 +352,7 @@ class CaptionPass(Pass):
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         cfg = ctx.cfg
-        c = cfg.caption
-        check_caption_config(cfg)
+        c = cfg.caption  # the config alone was checked by CaptionStage.check, before any pass ran
         digest: dict[str, Any] = {}
         if c.min_image_text_similarity > -1:  # the embed model is part of what decides the output
             digest["similarity_model"] = ModelSpec.from_config(cfg.embed).identity()

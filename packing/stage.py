@@ -573,7 +573,6 @@ class PackBucketPass(Pass):
 
     def __init__(self) -> None:
         self.payloads: list[Location] = []  # set by prepare: every staged payload, by shard name
-        self.row_group_size = PARQUET_WRITE_OPTIONS["row_group_size"]  # set by prepare: pack.packs_per_row_group
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
         stamp = staged_digest(ctx.done[self.reads].entries)
@@ -581,7 +580,6 @@ class PackBucketPass(Pass):
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         self.payloads = [ctx.input.join(PAYLOAD_DIR, f"{s}.parquet") for s in sorted(ctx.done[self.reads].entries)]
-        self.row_group_size = ctx.cfg.pack.packs_per_row_group
         return {}
 
     def process(self, task: ShardTask) -> ShardOutput:
@@ -604,14 +602,9 @@ class PackBucketPass(Pass):
             "length_hist": _hist(lens, p.max_len), "pack_tokens_hist": _hist(res.pack_tokens, p.max_len),
         }
         # Every sample of the bucket is in exactly one pack: the table's rows are packs, not samples.
+        # Row groups of pack.packs_per_row_group packs: the trainer reads a row group at a time.
         return ShardOutput(table, Ledger(self.name), input_rows=len(samples), kept_samples=len(samples),
-                           stats=stats)
-
-    def write_data(self, dest: Location, table: pa.Table) -> None:
-        """Row groups of ``pack.packs_per_row_group`` packs (the trainer reads a row group at a time)."""
-        sink = io.BytesIO()
-        pq.write_table(table, sink, **dict(PARQUET_WRITE_OPTIONS, row_group_size=self.row_group_size))
-        write_bytes_atomic(dest, sink.getvalue())
+                           stats=stats, row_group_size=p.packs_per_row_group)
 
 
 # ------------------------------------------------------------------ the stage

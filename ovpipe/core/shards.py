@@ -149,15 +149,18 @@ def write_bytes_atomic(dest: Location, data: bytes) -> None:
         dest.fs.move(target.path, dest.path)
 
 
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
+def table_to_parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, **PARQUET_WRITE_OPTIONS)
+    options = PARQUET_WRITE_OPTIONS if row_group_size is None else {**PARQUET_WRITE_OPTIONS,
+                                                                     "row_group_size": row_group_size}
+    pq.write_table(table, sink, **options)
     return sink.getvalue()
 
 
-def write_table(dest: Location, table: pa.Table) -> None:
-    """Write one Parquet shard with the fixed writer settings (deterministic bytes)."""
-    write_bytes_atomic(dest, table_to_parquet_bytes(table))
+def write_table(dest: Location, table: pa.Table, row_group_size: int | None = None) -> None:
+    """Write one Parquet shard with the fixed writer settings (deterministic bytes); a reader that
+    reads a row group at a time may ask for its own row-group size (packs)."""
+    write_bytes_atomic(dest, table_to_parquet_bytes(table, row_group_size))
 
 
 def read_table(src: Location, columns: list[str] | None = None) -> pa.Table:

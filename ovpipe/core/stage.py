@@ -32,7 +32,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -93,6 +93,7 @@ class ShardOutput:
     input_rows: int  # samples read
     kept_samples: int | None = None  # samples the table holds when its rows are not samples (packs)
     stats: dict[str, Any] = field(default_factory=dict)  # extra fields of the manifest entry
+    row_group_size: int | None = None  # Parquet row groups of the data shard; None = the default
 
     @property
     def kept(self) -> int:
@@ -177,10 +178,6 @@ class Pass:
         for result in map_tasks(run_shard_safely, [(task,) for task in pending], ctx.cfg, shared=(self,)):
             record_result(self.name, result, failed, progress)
         return failed
-
-    def write_data(self, dest: Location, table: pa.Table) -> None:
-        """How a data shard is written (pack overrides the row-group layout)."""
-        write_table(dest, table)
 
     def shard_files(self, shard: str) -> list[str]:
         """Files besides data and ledger that belong to one shard (deleted when it is retired)."""
@@ -502,7 +499,7 @@ def commit_shard(p: Pass, task: ShardTask, result: ShardOutput, start: float | N
             f"and ledgered {dropped}; this is a bug in the stage, please report it"
         )
     output_name = f"{task.shard}.parquet"
-    p.write_data(task.output_root.join(output_name), result.table)
+    write_table(task.output_root.join(output_name), result.table, result.row_group_size)
     ledger_name = None
     ledger_file = task.output_root.join(LEDGER_DIR, f"{task.shard}.parquet")
     if dropped:
@@ -675,10 +672,3 @@ def check_accounting(summary: StageSummary, output_root: Location | None = None,
         )
     if sum(summary.dropped_by_reason.values()) != summary.dropped_rows:
         raise AccountingError(f"{summary.stage}: ledger reasons do not add up to dropped rows")
-
-
-def iter_entries(results: dict[str, PassResult], name: str) -> Iterator[dict[str, Any]]:
-    """The committed manifest entries of one pass, in shard-name order."""
-    entries = results[name].entries
-    for key in sorted(entries):
-        yield entries[key]
