@@ -36,7 +36,7 @@ from curation.embed import ModelSpec, resolve_device
 from ovpipe.core.executor import cluster_workers, ensure_ray, uses_ray
 from ovpipe.core.ledger import Ledger
 from ovpipe.core.progress import Progress
-from ovpipe.core.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json, read_table
+from ovpipe.core.shards import DATA_DIR, MANIFEST_DIR, STAGE_FILE, Location, read_json, read_table
 from ovpipe.core.stage import (PassContext, Shard, ShardOutput, ShardTask, SinglePassStage, record_result,
                                run_shard_safely)
 
@@ -275,7 +275,10 @@ def _read_cached(folder: str):
 
 def check_embed_model(first_shard, identity: dict[str, Any]) -> None:
     """The input's embeddings must come from the model whose text tower embeds the concepts."""
-    header = Location(first_shard.fs, first_shard.path.rsplit("/", 1)[0])
+    folder = first_shard.path.rsplit("/", 1)[0]
+    header = Location(first_shard.fs, folder)
+    if header.name == DATA_DIR and not header.join(MANIFEST_DIR).exists():  # OUT/data/<shard>
+        header = Location(first_shard.fs, folder.rsplit("/", 1)[0])
     stage_file = header.join(MANIFEST_DIR, STAGE_FILE)
     if not stage_file.exists():
         return

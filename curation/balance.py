@@ -34,8 +34,8 @@ Two modes (docs/sampling.md states the designs and their inclusion probabilities
 
 Global state is found by small reductions, never all rows in one process: the concept counts are
 the counts pass's committed shards, summed on the driver; the select pass's ``prepare`` then finds
-the cut-off key by a radix select (tasks over the input shards return 65,536-bin histograms of
-the key's next 16 bits, then the few rows of the boundary bin) or solves the MetaCLIP threshold.
+the cut-off key by a radix select (tasks over groups of 32 input shards return the groups'
+summed 65,536-bin histograms of the key's next 16 bits, then the few rows of the boundary bin) or solves the MetaCLIP threshold.
 ``process`` keeps a row when its key is at or below the cut-off. All arithmetic that decides
 membership is integer, +, -, *, / or ldexp (no libm), so the selection is bit-identical whatever
 the sharding, worker count or CPU. The sampler itself is curation/balance_core.py.
@@ -119,9 +119,22 @@ def _shard_keys(bcfg: BalanceSection, counts: np.ndarray, seed: int, loc: Locati
     return es_keys(rows.sample_hash, w, seed), rows.sample_hash
 
 
-def histogram_pass(bcfg: BalanceSection, counts: np.ndarray, seed: int, prefix: tuple, loc: Location) -> np.ndarray:
-    hi, lo = _shard_keys(bcfg, counts, seed, loc)
-    return key_histogram(hi, lo, prefix)
+HISTOGRAM_GROUP = 32  # shards per histogram task: the driver gets one 512 KB histogram per group
+
+
+def histogram_pass(bcfg: BalanceSection, counts: np.ndarray, seed: int, prefix: tuple,
+                   locs: list[Location]) -> np.ndarray:
+    """The summed key histogram of a group of shards (integer sums: any grouping gives the same)."""
+    total = None
+    for loc in locs:
+        hi, lo = _shard_keys(bcfg, counts, seed, loc)
+        h = key_histogram(hi, lo, prefix)
+        total = h if total is None else total + h
+    return total
+
+
+def shard_groups(shards: list[Location]) -> list[list[Location]]:
+    return [shards[i:i + HISTOGRAM_GROUP] for i in range(0, len(shards), HISTOGRAM_GROUP)]
 
 
 def candidates_pass(bcfg: BalanceSection, counts: np.ndarray, seed: int, prefix: tuple, loc: Location):
@@ -223,9 +236,9 @@ class BalanceSelectPass(Pass):
         bcfg = cfg.balance
         state.n_select = size_from(state.usable_rows, bcfg.target, bcfg.fraction)
         if 0 < state.n_select < state.usable_rows:
-            def histogram(prefix):
-                return sum(map_shards(histogram_pass, shards, (bcfg, state.counts, state.seed, prefix), cfg,
-                                      f"key histogram (level {len(prefix)})", self._quiet))
+            def histogram(prefix):  # per group of shards: the driver sums O(shards / 32) histograms
+                return sum(map_shards(histogram_pass, shard_groups(shards), (bcfg, state.counts, state.seed, prefix),
+                                      cfg, f"key histogram (level {len(prefix)})", self._quiet))
 
             def candidates(prefix):
                 parts = list(map_shards(candidates_pass, shards, (bcfg, state.counts, state.seed, prefix), cfg,
@@ -326,4 +339,5 @@ class BalanceStage(Stage):
     def report(self, out: Location, cfg: Config, summary: StageSummary, results: dict[str, PassResult]) -> list[str]:
         entries = results[self.select.name].entries
         shards = [out.join(entries[name]["output"]) for name in sorted(entries)]
-        return write_report(self.select.state, out, cfg, shards, summary.kept_rows)
+        return write_report(self.select.state, out, cfg, shards, summary.kept_rows,
+                            quiet=self.select._quiet)  # --quiet reaches the report's passes too

@@ -355,7 +355,6 @@ def _es_select(lo, w, seed, n_select, cap):
     keep = np.empty(n, dtype=bool)
     for a, b in _chunks(n):
         keep[a:b] = passes_cutoff(hi[a:b], lo[a:b], cutoff)
-    del hi
     incl = np.zeros(n)
     tau = cutoff_value(cutoff)
     for a, b in _chunks(n):

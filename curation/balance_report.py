@@ -4,11 +4,14 @@ Reads:  the balance stage's committed output shards (the select pass's manifest 
         global state its select pass's prepare() found (``BalanceState``: the concept counts and
         source counts of the usable input rows, summed from the counts pass's ``OUT/_counts/``).
 Writes: ``OUT/_report/balance_report.json``: sizes, per-concept counts before/after, coverage
-        (concepts with at least one image), entropy, top-50 share, per-source counts
-        before/after; and PNG plots: ``concept_frequency_by_rank.png`` (log-log, before/after:
-        the paper's Fig. 3a), ``source_mix.png`` (Fig. 3b), ``contact_sheet.png`` (a few
-        selected images of the most and least frequent concepts, when their bytes are
-        reachable through the image reference columns).
+        (concepts with at least one image), entropy, Gini, top-50 share, per-source counts
+        before/after; and PNG plots: ``concept_frequency_by_rank.png`` (before/after: each
+        concept's share of occurrences by rank, log-log, the paper's Fig. 3a normalised so the
+        flattening shows, beside the cumulative coverage curve; entropy and Gini in the
+        legends), ``source_mix.png`` (Fig. 3b), ``contact_sheet.png`` (a few selected images of
+        the most and least frequent concepts, labelled with their names from the vocabulary the
+        upstream assign stage used, when their bytes are reachable through the image reference
+        columns).
 
 Called by ``BalanceStage.report`` (curation/balance.py) once run_stage's accounting check passed;
 imports the sampler (curation/balance_core.py), never the stage.
@@ -28,7 +31,7 @@ from PIL import Image
 from curation.balance_core import BalanceState, map_shards, read_columns, shard_rows, source_counts
 from ovpipe.core.images import (MAX_FETCH_BYTES, MAX_SOURCE_PIXELS, BadImage, fetch_image_bytes, open_image,
                                 probe_image)
-from ovpipe.core.shards import Location, write_bytes_atomic
+from ovpipe.core.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json, read_manifest_entries, write_bytes_atomic
 
 if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
     from curation.config import BalanceSection
@@ -39,9 +42,21 @@ REF_COLUMNS = ("image_uri", "image_member", "image_row")
 THUMB = 96  # px, contact-sheet tile
 
 
+def gini(counts: np.ndarray) -> float:
+    """Gini coefficient of the concept counts (zeros included): 0 = every concept equally often,
+    near 1 = a few concepts hold nearly every occurrence."""
+    c = np.sort(counts.astype(np.float64))
+    n, total = len(c), c.sum()
+    if n < 2 or total <= 0:
+        return 0.0
+    cum = np.cumsum(c)
+    return float((n + 1 - 2 * (cum / total).sum()) / n)
+
+
 def concept_stats(counts: np.ndarray, top: int = 50, reference_top: np.ndarray | None = None) -> dict[str, Any]:
-    """Coverage, Shannon entropy (bits; and divided by log2 of the coverage) and the share of
-    concept occurrences held by the `top` most frequent concepts."""
+    """Coverage, Shannon entropy (bits; and divided by log2 of the coverage), the Gini coefficient
+    over the covered concepts and the share of concept occurrences held by the `top` most frequent
+    concepts."""
     total = int(counts.sum())
     nz = counts[counts > 0].astype(np.float64)
     p = nz / total if total else nz
@@ -52,6 +67,7 @@ def concept_stats(counts: np.ndarray, top: int = 50, reference_top: np.ndarray |
         "coverage": int((counts > 0).sum()),
         "entropy_bits": round(entropy, 6),
         "normalized_entropy": round(entropy / np.log2(len(nz)), 6) if len(nz) > 1 else 0.0,
+        "gini": round(gini(counts[counts > 0]), 6),
         f"top{top}_share": round(float(counts[order].sum() / total), 6) if total else 0.0,
     }
     if reference_top is not None:
@@ -99,21 +115,42 @@ def _png(fig) -> bytes:
 
 
 def plot_rank_frequency(before: np.ndarray, after: np.ndarray, mode: str) -> bytes:
+    """Two panels that show the flattening. Left: each concept's share of all concept occurrences
+    by rank (log-log; raw counts would only shift the after-curve down, since the selection is
+    smaller): balancing lowers the head and lifts the tail, so the curves cross. Right: the
+    cumulative share held by the most frequent concepts (a Lorenz-style coverage curve): the
+    closer to the diagonal, the more balanced. Legends give normalised entropy and Gini."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, (ax, cov) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     for counts, label, style in ((before, "before", "-"), (after, "after", "--")):
-        c = np.sort(counts[counts > 0])[::-1]
-        if len(c):
-            ax.loglog(np.arange(1, len(c) + 1), c, style, label=f"{label} ({len(c):,} concepts, {int(c.sum()):,} hits)")
-    ax.set_xlabel("concept rank")
-    ax.set_ylabel("images with the concept")
-    ax.set_title(f"Concept frequency by rank, before/after balance ({mode})")
+        c = np.sort(counts[counts > 0])[::-1].astype(np.float64)
+        if not len(c):
+            continue
+        stats = concept_stats(counts)
+        legend = (f"{label}: {len(c):,} concepts, {int(c.sum()):,} hits\n"
+                  f"entropy {stats['normalized_entropy']:.3f} (normalised), Gini {stats['gini']:.3f}")
+        ranks = np.arange(1, len(c) + 1)
+        ax.loglog(ranks, c / c.sum(), style, label=legend)
+        cov.plot(np.concatenate([[0.0], ranks / len(c)]), np.concatenate([[0.0], np.cumsum(c) / c.sum()]),
+                 style, label=legend)
+    ax.set_xlabel("concept rank (most frequent first)")
+    ax.set_ylabel("share of concept occurrences")
+    ax.set_title("Concept share by rank")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    cov.plot([0, 1], [0, 1], ":", color="grey", label="perfectly balanced")
+    cov.set_xlabel("share of concepts (most frequent first)")
+    cov.set_ylabel("cumulative share of occurrences")
+    cov.set_title("Coverage curve (closer to the diagonal = flatter)")
+    cov.set_xlim(0, 1)
+    cov.set_ylim(0, 1.01)
+    cov.grid(True, alpha=0.3)
+    cov.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Concept frequency before/after balance ({mode})")
     return _png(fig)
 
 
@@ -182,7 +219,7 @@ def plot_contact_sheet(rows: list[tuple[str, list]]) -> bytes:
 
 
 def _contact_sheet(state: BalanceState, shards: list[Location], cfg: Config, after: np.ndarray,
-                   report: dict) -> bytes | None:
+                   report: dict, out: Location, quiet: bool = False) -> bytes | None:
     before = state.counts
     k, m = cfg.balance.report_concepts, cfg.balance.report_images
     present = np.flatnonzero(after[: len(before)] > 0)
@@ -192,7 +229,7 @@ def _contact_sheet(state: BalanceState, shards: list[Location], cfg: Config, aft
     by_freq = present[np.lexsort((present, -before[present]))]  # most frequent first, ties by id
     chosen = list(dict.fromkeys(by_freq[:k].tolist() + by_freq[::-1][:k][::-1].tolist()))
     found: dict[int, list[tuple]] = {c: [] for c in chosen}
-    for part in map_shards(_examples_pass, shards, (cfg.balance, np.array(chosen), m), cfg, "contact sheet"):
+    for part in map_shards(_examples_pass, shards, (cfg.balance, np.array(chosen), m), cfg, "contact sheet", quiet):
         for row in part:
             found[row[0]].append(row)
     if not any(found.values()):
@@ -203,20 +240,78 @@ def _contact_sheet(state: BalanceState, shards: list[Location], cfg: Config, aft
     refs = pa.table({"image_uri": [r[2] for r in flat], "image_member": [r[3] for r in flat],
                      "image_row": pa.array([r[4] for r in flat], pa.int64())})
     images = iter([_thumbnail(b) for b in fetch_image_bytes(refs)])
-    rows = [(f"concept {c}\n{int(before[c]):,} -> {int(after[c]):,}", [next(images) for _ in ps]) for c, ps in picks]
+    names = concept_names(out) or []
+    rows = [(f"{_concept_label(c, names)}\n{int(before[c]):,} -> {int(after[c]):,}", [next(images) for _ in ps])
+            for c, ps in picks]
     shown = sum(img is not None for _, imgs in rows for img in imgs)
     report["contact_sheet"] = {"written": shown > 0, "concepts": chosen, "images_shown": shown,
                                "images_unreachable": len(flat) - shown}
     return plot_contact_sheet(rows) if shown else None
 
 
+def _concept_label(concept: int, names: list[str]) -> str:
+    name = names[concept] if 0 <= concept < len(names) else None
+    return f"{name[:28]} ({concept})" if name else f"concept {concept}"
+
+
+def assign_header(out: Location, hops: int = 8) -> dict[str, Any] | None:
+    """The config header of the output that assigned the concept ids: ``out`` itself or the
+    nearest stage output upstream of it, followed through the manifest entries' ``input`` (each
+    a data file of the stage output before)."""
+    for _ in range(hops):
+        header_file = out.join(MANIFEST_DIR, STAGE_FILE)
+        if not header_file.exists():
+            return None
+        header = read_json(header_file)
+        if header.get("payload", {}).get("config", {}).get("assign"):
+            return header
+        inputs = [e["input"] for _, e in sorted(read_manifest_entries(out).items()) if e.get("input")]
+        if not inputs:
+            return None
+        upstream = _owning_output(Location(out.fs, inputs[0].split("://", 1)[-1]) if not out.is_local
+                                  else Location.parse(inputs[0]))
+        if upstream is None or upstream.path == out.path:
+            return None
+        out = upstream
+    return None
+
+
+def _owning_output(file: Location, levels: int = 3) -> Location | None:
+    """The stage output a data file belongs to: the nearest folder above it with a stage header."""
+    folder = file.path
+    for _ in range(levels):
+        folder = folder.rsplit("/", 1)[0]
+        if not folder:
+            return None
+        if Location(file.fs, folder).join(MANIFEST_DIR, STAGE_FILE).exists():
+            return Location(file.fs, folder)
+    return None
+
+
+def concept_names(out: Location | None, vocabulary: str | None = None) -> list[str] | None:
+    """Concept names by id: from ``vocabulary`` if given, else from the vocabulary the assign stage
+    upstream of ``out`` used. None when that cannot be found or read (callers show bare ids)."""
+    spec = vocabulary
+    if spec is None and out is not None:
+        header = assign_header(out)
+        spec = header["payload"]["config"]["assign"].get("vocabulary") if header else None
+    if not spec:
+        return None
+    from curation.concepts import VocabularyError, load_vocabulary
+
+    try:
+        return load_vocabulary(spec)
+    except (VocabularyError, OSError):
+        return None
+
+
 def write_report(state: BalanceState, out: Location, cfg: Config, shards: list[Location],
-                 selected_rows: int) -> list[str]:
+                 selected_rows: int, quiet: bool = False) -> list[str]:
     """Build balance_report.json and the plots under OUT/_report/ from the global state, the
     committed output shards and their selected (kept) rows; returns the written URIs."""
     after = np.zeros(len(state.counts), dtype=np.int64)
     sources_after: Counter = Counter()
-    for part in map_shards(_after_pass, shards, (cfg.balance,), cfg, "report counts"):
+    for part in map_shards(_after_pass, shards, (cfg.balance,), cfg, "report counts", quiet):
         c = part["counts"]
         if len(c) > len(after):
             after = np.concatenate([after, np.zeros(len(c) - len(after), np.int64)])
@@ -255,7 +350,7 @@ def write_report(state: BalanceState, out: Location, cfg: Config, shards: list[L
         "concept_frequency_by_rank.png": plot_rank_frequency(before, after, state.mode),
         "source_mix.png": plot_source_mix(state.sources, dict(sources_after)),
     }
-    sheet = _contact_sheet(state, shards, cfg, after, report)
+    sheet = _contact_sheet(state, shards, cfg, after, report, out, quiet)
     if sheet is not None:
         files["contact_sheet.png"] = sheet
     report["plots"] = sorted(files)

@@ -23,11 +23,12 @@ their manifests; run_stage does the commits, the accounting and ``OUT/_manifest/
    caption), ``caption_minhash`` (uint32 MinHash signature) and ``caption_locator`` (where the
    sample was read): the per-shard hash lists. With ``--overwrite`` its (costly) captions are kept
    when the pass's config is unchanged (``keep_on_overwrite``): only pass 2 is redone.
-2. ``CaptionDedupPass`` -> ``OUT/``: its ``prepare()`` reads only those hash columns of every
-   pass-1 shard on the driver, reduces them to the set of duplicate losers (winner = smallest
-   (sample_hash, sample_id)), writes each shard's losers to ``OUT/_dedup/<shard>.parquet`` and
-   puts a digest of that set in the config hash; each shard task then ledgers its losers and
-   writes the final rows without the helper columns.
+2. ``CaptionDedupPass`` -> ``OUT/``: its ``prepare()`` reduces those hash columns to the set of
+   duplicate losers (winner = smallest (sample_hash, sample_id)) as a shuffle partitioned by
+   caption key and LSH band key (curation/caption_dedup.py; no process holds every caption),
+   staging each shard's losers under ``OUT/_tmp``, and puts a digest of that set in the config
+   hash; each shard task then copies its losers to ``OUT/_dedup/<shard>.parquet``, ledgers them
+   and writes the final rows without the helper columns.
 
 A crash in pass 1 loses at most the shards in progress (finished shards are never captioned
 again); a crash in pass 2 redoes only its unfinished shards, from the same loser set. Pass 2
@@ -53,30 +54,19 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import xxhash
 from PIL import Image
 
 from curation.caption_client import ChatClient, ClientSettings, RequestFailed
-from curation.caption_filter import (
-    FilterRules,
-    band_keys,
-    caption_key,
-    check_caption,
-    exact_duplicates,
-    jaccard_estimate,
-    minhash,
-    near_duplicate_candidates,
-    winner_rank,
-)
+from curation.caption_dedup import clear_scratch, find_duplicates
+from curation.caption_filter import FilterRules, caption_key, check_caption, minhash
 from curation.config import CaptionSection
 from curation.embed import ModelSpec, load_model
 from ovpipe.core.hashing import text_hash
 from ovpipe.core.images import fetch_image_bytes, open_image
 from ovpipe.core.ledger import Ledger
 from ovpipe.core.progress import Progress
-from ovpipe.core.shards import Location, read_table, write_table
+from ovpipe.core.shards import TMP_DIR, Location, read_table, write_bytes_atomic
 from ovpipe.core.stage import (
     Pass,
     PassContext,
@@ -100,7 +90,6 @@ OUTPUT_COLUMNS = [pa.field("caption", pa.string()), pa.field("language", pa.stri
 HELPER_COLUMNS = [pa.field("caption_key", pa.uint64()), pa.field("caption_minhash", pa.list_(pa.uint32())),
                   pa.field("caption_locator", pa.string())]  # where pass 1 read the sample
 IMAGE_REF = ("image_uri", "image_member", "image_row")
-LOSER_SCHEMA = pa.schema([pa.field("row", pa.int32()), pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 
 
 class MissingBackend(RuntimeError):
@@ -481,11 +470,12 @@ def _require(table: pa.Table, task: ShardTask, columns: list[str]) -> None:
 # --- pass 2: the global duplicate pass ---------------------------------------------------------
 
 class CaptionDedupPass(Pass):
-    """Pass 2 (``OUT``). ``prepare`` runs the global reduction (in memory: the loser rows of each
-    shard); ``execute``, which runs only once the runner has accepted this pass's output folder,
-    writes each pending shard's losers to ``OUT/_dedup/<shard>.parquet`` (row, reason, detail)
-    before its task runs: tasks read only their own file, so nothing of size O(dataset) travels
-    to every task. A refused run changes nothing."""
+    """Pass 2 (``OUT``). ``prepare`` runs the global reduction as a hash-partitioned shuffle
+    (curation/caption_dedup.py: no process holds every caption; the driver holds file names and
+    per-shard counts), which stages each shard's loser rows under ``OUT/_tmp``; each shard task,
+    which runs only once the runner has accepted this pass's output folder, copies its own staged
+    file to ``OUT/_dedup/<shard>.parquet`` (row, reason, detail) and reads only that. A refused
+    run changes nothing outside ``OUT/_tmp``."""
 
     name = "caption_dedup"
     config_sections = ("run", "caption")
@@ -495,27 +485,24 @@ class CaptionDedupPass(Pass):
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         c = ctx.cfg.caption
-        losers = find_duplicate_rows([s.input for s in shards], c)
-        self._losers = {s.name: losers.get(s.input.path, LOSER_SCHEMA.empty_table()) for s in shards}
-        digest = xxhash.xxh3_64()
-        for s in shards:
-            table = self._losers[s.name]
-            digest.update(s.input.name.encode())
-            digest.update(table.column("row").to_numpy().tobytes())
-            digest.update("\n".join(table.column("reason").to_pylist()).encode())
+        staged, losers, digest = find_duplicates([s.input for s in shards], c, ctx.cfg, ctx.output.join(TMP_DIR),
+                                                 ctx.done[CaptionPass.name].summary.kept_rows)
+        self._staged = {s.name: loc for s, loc in zip(shards, staged)}
         return {"dedup": {"exact": c.dedup_exact, "near_dup_threshold": c.near_dup_threshold,
                           "minhash_bands": c.minhash_bands},
-                "losers": sum(t.num_rows for t in losers.values()), "losers_digest": digest.hexdigest()}
+                "losers": losers, "losers_digest": digest}
 
     def execute(self, pending: list[ShardTask], ctx: PassContext, progress: Progress) -> dict[str, str]:
-        for task in pending:
-            write_table(ctx.output.join(DEDUP_DIR, f"{task.shard}.parquet"), self._losers[task.shard])
-        self._losers = {}  # not shipped to the tasks
-        return super().execute(pending, ctx, progress)
+        try:
+            return super().execute(pending, ctx, progress)
+        finally:
+            clear_scratch(ctx.output.join(TMP_DIR))
 
     def process(self, task: ShardTask) -> ShardOutput:
         table = read_table(task.input)
-        losers = read_table(task.output_root.join(DEDUP_DIR, f"{task.shard}.parquet"))
+        dedup = task.output_root.join(DEDUP_DIR, f"{task.shard}.parquet")
+        write_bytes_atomic(dedup, self._staged[task.shard].read_bytes())  # the staged bytes, unchanged
+        losers = read_table(dedup)
         ledger = Ledger(LEDGER_STAGE)
         ids = table.column("sample_id").to_pylist()
         locators = table.column("caption_locator").to_pylist()  # the caption stage's input, not OUT/_captions
@@ -529,93 +516,6 @@ class CaptionDedupPass(Pass):
 
     def shard_files(self, shard: str) -> list[str]:
         return [f"{DEDUP_DIR}/{shard}.parquet"]
-
-
-def find_duplicate_rows(shards: list[Location], c: CaptionSection) -> dict[str, pa.Table]:
-    """The global reduction: per-shard hash columns in, {shard path: LOSER_SCHEMA table} out.
-    Driver memory: ~40 bytes per caption, plus 8 per LSH band when near-dedup is on."""
-    hashes, keys, shard_of, row_of, bands, ids = [], [], [], [], [], []
-    for i, loc in enumerate(shards):
-        names = pq_names(loc)
-        cols = ["sample_id", "caption_key"] + [c_ for c_ in ("sample_hash",) if c_ in names]
-        if c.near_dup_threshold > 0:
-            cols.append("caption_minhash")
-        t = read_table(loc, columns=cols)
-        n = t.num_rows
-        ids.append(t.column("sample_id"))
-        hashes.append(t.column("sample_hash").to_numpy() if "sample_hash" in names else
-                      np.array([text_hash(s) for s in t.column("sample_id").to_pylist()], dtype=np.uint64))
-        keys.append(t.column("caption_key").to_numpy())
-        shard_of.append(np.full(n, i, np.int32))
-        row_of.append(np.arange(n, dtype=np.int32))
-        if c.near_dup_threshold > 0:
-            sig = _signature_matrix(t.column("caption_minhash"), n, c.minhash_perms)
-            bands.append(band_keys(sig, c.minhash_bands))
-    if not shards or not sum(len(k) for k in keys):
-        return {}
-    keys_all, shard_all, row_all = np.concatenate(keys), np.concatenate(shard_of), np.concatenate(row_of)
-    rank = winner_rank(np.concatenate(hashes), shard_all, row_all)
-    sample_ids = pa.chunked_array([chunk for col in ids for chunk in col.chunks], pa.string())
-    lost_idx, lost_reason, lost_detail = [], [], []
-    alive = np.ones(len(keys_all), dtype=bool)
-    if c.dedup_exact:
-        losers, winners = exact_duplicates(keys_all, rank)
-        alive[losers] = False
-        lost_idx.append(losers)
-        lost_reason += ["duplicate_caption"] * len(losers)
-        lost_detail += [f"same normalised caption as sample {w}" for w in sample_ids.take(pa.array(winners)).to_pylist()]
-    if c.near_dup_threshold > 0:
-        idx = np.flatnonzero(alive)
-        members, leaders = near_duplicate_candidates(np.concatenate(bands)[idx], rank[idx])
-        members, leaders = idx[members], idx[leaders]
-        if len(members):
-            needed = np.unique(np.concatenate([members, leaders]))
-            sig = _signatures(shards, needed, shard_all, row_all, c.minhash_perms)
-            done: set[int] = set()
-            near = []
-            for m, leader in zip(members.tolist(), leaders.tolist()):
-                if m in done:
-                    continue
-                sim = jaccard_estimate(sig[m], sig[leader])
-                if sim >= c.near_dup_threshold:
-                    done.add(m)
-                    near.append((m, leader, sim))
-            if near:
-                lost_idx.append(np.array([m for m, _, _ in near], dtype=np.int64))
-                lost_reason += ["near_duplicate_caption"] * len(near)
-                names = sample_ids.take(pa.array([leader for _, leader, _ in near])).to_pylist()
-                lost_detail += [f"estimated Jaccard {sim:.2f} with sample {n}" for (_, _, sim), n in zip(near, names)]
-    if not lost_idx:
-        return {}
-    lost = np.concatenate(lost_idx)
-    table = pa.table({"shard": shard_all[lost], "row": row_all[lost], "reason": lost_reason, "detail": lost_detail})
-    table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
-    out = {}
-    for i in np.unique(shard_all[lost]).tolist():
-        part = table.filter(pc.equal(table.column("shard"), i)).drop_columns(["shard"])
-        out[shards[i].path] = part.cast(LOSER_SCHEMA)
-    return out
-
-
-def pq_names(loc: Location) -> list[str]:
-    with loc.fs.open_input_file(loc.path) as f:
-        return pq.ParquetFile(f).schema_arrow.names
-
-
-def _signature_matrix(column: pa.ChunkedArray, n: int, perms: int) -> np.ndarray:
-    return column.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, perms)
-
-
-def _signatures(shards: list[Location], needed: np.ndarray, shard_all: np.ndarray, row_all: np.ndarray,
-                perms: int) -> dict[int, np.ndarray]:
-    """MinHash signatures of the candidate rows only, read again shard by shard."""
-    out: dict[int, np.ndarray] = {}
-    for i in np.unique(shard_all[needed]).tolist():
-        picked = needed[shard_all[needed] == i]
-        col = read_table(shards[i], columns=["caption_minhash"]).column("caption_minhash")
-        sig = _signature_matrix(pc.take(col, pa.array(row_all[picked])), len(picked), perms)
-        out.update(zip(picked.tolist(), sig))
-    return out
 
 
 # --- the stage ---------------------------------------------------------------------------------

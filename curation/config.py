@@ -71,7 +71,9 @@ class EmbedSection(Section):
 
     model: str = Field(
         "ViT-H-14-quickgelu",
-        description="open_clip model name, or a built-in tiny config ('ovpipe-tiny-clip') for tests and the demo.",
+        description="open_clip model name, a built-in tiny config ('ovpipe-tiny-clip') for tests, or the "
+        "built-in stand-in 'ovpipe-thumbnail' (a seeded projection of a thumbnail that keeps image distances; "
+        "its text side has no meaning: tests and the demo only, curation/thumbnail.py).",
     )
     pretrained: str = Field(
         "metaclip_fullcc",
@@ -266,3 +268,57 @@ class CaptionSection(Section):
             if not source or lang not in ("en", "zh"):
                 raise ValueError(f"expected 'source=en' or 'source=zh', got {item!r}")
         return value
+
+
+class DedupSection(Section):
+    """Near-duplicate images (curation/dedup.py, docs/dedup.md): embedding clusters + cosine, and a
+    perceptual hash, compared within each k-means cluster of the embeddings."""
+
+    enabled: bool = Field(False, description="Run dedup as a step of `ovpipe run` (between assign and "
+                          "balance); the `ovpipe dedup` command runs regardless.", json_schema_extra=NOT_HASHED)
+    method: Literal["both", "embedding", "phash"] = Field(
+        "both", description="A pair is a duplicate when its embedding cosine >= threshold (embedding), its "
+        "perceptual-hash Hamming distance <= phash_bits (phash), or either (both).")
+    threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity at or above which two "
+                             "embeddings are near duplicates.")
+    phash_bits: int = Field(8, ge=0, le=64, description="Hamming distance (of 64 bits) at or below which "
+                            "two perceptual hashes (imagehash.phash of the decoded image) are near duplicates.")
+    clusters: int = Field(0, ge=0, description="k-means clusters; pairs are compared within a cluster only. "
+                          "0 = ceil(rows / cluster_rows).")
+    cluster_rows: int = Field(2000, gt=0, description="Target rows per cluster when clusters = 0.")
+    kmeans_sample: int = Field(100_000, gt=0, description="Embeddings (a hash-chosen sample) the "
+                               "centroids are learned on.")
+    kmeans_iters: int = Field(20, gt=0, description="k-means iterations (FAISS).")
+    probe_margin: float = Field(0.05, ge=0, le=2, description="A row is also compared in its second "
+                                "nearest cluster when that centroid's cosine is within this of the nearest's "
+                                "(copies on both sides of a cluster boundary still meet); 0 = nearest only.")
+    partitions: int = Field(16, gt=0, description="Reduce tasks of the shuffle by cluster (cluster c "
+                            "goes to partition c mod partitions).")
+    report_thresholds: list[float] = Field(
+        [0.85, 0.9, 0.95, 0.98], description="Report: samples removed at each of these cosine thresholds.",
+        json_schema_extra=NOT_HASHED)
+    report_pairs: int = Field(6, ge=0, description="Report: example pairs per similarity band in the "
+                              "contact sheet.", json_schema_extra=NOT_HASHED)
+
+
+class DecontaminateSection(Section):
+    """Benchmark decontamination (curation/decontaminate.py, docs/dedup.md): training samples that
+    match an evaluation image (exact bytes, perceptual hash or embedding) are ledgered."""
+
+    benchmarks: list[str] = Field(
+        [], description="Evaluation sets, each a folder of images (name = the folder's name) or a Parquet "
+        "file (name = its `benchmark` column, else the file's name), optionally as NAME=PATH. Empty = the "
+        "step is off in `ovpipe run`.")
+    method: Literal["both", "embedding", "phash"] = Field(
+        "both", description="Besides exact bytes (always): cosine >= threshold (embedding), Hamming "
+        "distance <= phash_bits (phash), or either (both).")
+    threshold: float = Field(0.95, gt=0, le=1, description="Cosine at or above which a training image "
+                             "matches an evaluation image.")
+    phash_bits: int = Field(8, ge=0, le=64, description="Perceptual-hash Hamming distance at or below "
+                            "which a training image matches an evaluation image.")
+    max_eval_images: int = Field(1_000_000, gt=0, description="Refuse larger evaluation sets (they are "
+                                 "held by every task).")
+    cache_dir: str = Field("", description="Cache of embedded evaluation sets; empty = $OVPIPE_CACHE/eval "
+                           "or ~/.cache/ovpipe/eval.", json_schema_extra=NOT_HASHED)
+    report_pairs: int = Field(6, ge=0, description="Report: example matches per benchmark.",
+                              json_schema_extra=NOT_HASHED)

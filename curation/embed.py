@@ -16,9 +16,11 @@ the PIL part (resize, crop, RGB) runs in CPU decode tasks, ToTensor + Normalize 
 
 How it runs (docs/architecture.md): pending input shards -> Ray Data ``from_items`` -> decode
 tasks (CPU; fetch + decode one shard, yield blocks of ``decode_rows`` images) -> ``EmbedActor``
-pool (GPU when the cluster has GPUs, CPU otherwise) -> the driver gathers each shard's rows and
-commits the shard (data, ledger, manifest entry last) with ``ovpipe.core.stage.commit_shard`` as soon
-as its last row arrives. Every forward pass is padded to ``batch_size`` rows: with a fixed GEMM
+pool (GPU when the cluster has GPUs, CPU otherwise; each actor writes its rows of a shard to a
+part file ``OUT/_tmp/embed-parts/<run>/<shard index>-<first row>.arrow`` and hands on one small
+record) -> the driver counts each shard's rows (no embedding reaches it) -> once a shard is
+complete, a ``Committer`` actor (one per node) assembles its parts and commits it (data, ledger, manifest
+entry last) with ``ovpipe.core.stage.commit_shard``, then deletes the parts. Every forward pass is padded to ``batch_size`` rows: with a fixed GEMM
 shape, an image's embedding on CPU is bit-identical whatever its batch-mates or the pool size.
 """
 
@@ -30,8 +32,8 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -39,12 +41,13 @@ import pyarrow as pa
 import xxhash
 from PIL import Image, ImageOps
 
+from curation import thumbnail
 from curation.config import EmbedSection
 from ovpipe.core.images import BadImage, fetch_image_bytes, open_image, probe_image
 from ovpipe.core.executor import ensure_ray, uses_ray
 from ovpipe.core.ledger import Ledger
 from ovpipe.core.progress import Progress
-from ovpipe.core.shards import read_table
+from ovpipe.core.shards import TMP_DIR, Location, read_table
 from ovpipe.core.stage import PassContext, Shard, ShardOutput, ShardTask, SinglePassStage, commit_shard
 
 if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
@@ -122,6 +125,10 @@ class ModelSpec:
     def model_config(self) -> dict[str, Any]:
         import open_clip
 
+        if self.name == thumbnail.NAME:  # the built-in stand-in (curation/thumbnail.py): no weights
+            if not self.is_random:
+                raise ValueError(f"embed.model {thumbnail.NAME!r} has no weights: set embed.pretrained=random")
+            return thumbnail.CONFIG
         if ":" in self.name:
             raise ValueError(f"embed.model {self.name!r}: hf-hub:/local-dir: models are not supported; "
                              "use an open_clip model name with a pretrained tag or a local checkpoint file")
@@ -181,6 +188,9 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
     import torch
 
     spec.model_config()  # validates the name, registers the tiny configs
+    if spec.name == thumbnail.NAME:
+        return thumbnail.build_model(spec.init_seed).to(device=device, dtype=getattr(
+            torch, _DTYPES[spec.resolve_precision(device)])).eval()
     with torch.random.fork_rng(devices=[]), _quiet_logging(spec.is_random):
         torch.manual_seed(spec.init_seed)
         pretrained = None if spec.is_random else spec.pretrained
@@ -211,6 +221,8 @@ def preprocess_config(spec: ModelSpec) -> dict[str, Any]:
     import open_clip
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
+    if spec.name == thumbnail.NAME:
+        return _normalised_pp(thumbnail.preprocess_cfg(spec.model_config()))
     cfg = asdict(PreprocessCfg())
     if not spec.is_random and not spec.is_file:
         cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(spec.name, spec.pretrained) or {})
@@ -353,15 +365,35 @@ class Embedder:
 
 
 class EmbedActor:
-    """Ray Data callable class: one model per actor, reused for every batch."""
+    """Ray Data callable class: one model per actor, reused for every batch. Each batch's rows of
+    each shard go to a part file under ``parts``; the actor hands on one small record per part
+    (shard, rows, part path), so embeddings never travel to the driver."""
 
-    def __init__(self, spec: ModelSpec, batch_size: int, device: str, num_threads: float):
+    def __init__(self, spec: ModelSpec, batch_size: int, device: str, num_threads: float, parts: Location):
         self.embedder = Embedder(spec, batch_size, device, num_threads)
+        self.parts = parts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.embedder.embed_block(batch)
-        out["done_at"] = np.full(len(out["row"]), time.time())  # when this batch finished (timings)
-        return out
+        records: dict[str, list] = {k: [] for k in ("shard_index", "shard_rows", "rows", "part", "reason", "detail")}
+        for shard_index in np.unique(out["shard_index"]).tolist():
+            sel = out["shard_index"] == shard_index
+            part = {k: out[k][sel] for k in ("row", "reason", "detail", "shard_rows", EMBEDDING)}
+            marker = part["row"][0] == _SHARD_MARKER  # an empty shard, or one that failed to load
+            records["shard_index"].append(shard_index)
+            records["shard_rows"].append(int(part["shard_rows"][0]))
+            records["rows"].append(0 if marker else len(part["row"]))
+            records["part"].append("" if marker else write_part(self.parts, shard_index, part))
+            records["reason"].append(str(part["reason"][0]) if marker else "")
+            records["detail"].append(str(part["detail"][0]) if marker else "")
+        n = len(records["part"])
+        return {"shard_index": np.asarray(records["shard_index"], np.int32),
+                "shard_rows": np.asarray(records["shard_rows"], np.int64),
+                "rows": np.asarray(records["rows"], np.int64),
+                "part": np.asarray(records["part"], dtype=object),
+                "reason": np.asarray(records["reason"], dtype=object),
+                "detail": np.asarray(records["detail"], dtype=object),
+                "done_at": np.full(n, time.time())}  # when this batch finished (timings)
 
 
 # ------------------------------------------------------------------------- decode (CPU side)
@@ -536,15 +568,22 @@ def quiet_ray_data() -> None:
 
 @dataclass
 class _Partial:
+    """What the driver knows of one shard in flight: row counts and its part files' names."""
+
     expected: int = -1
-    parts: list = None
     received: int = 0
+    parts: list = field(default_factory=list)
+
+
+PARTS_DIR = "embed-parts"  # under OUT/_tmp/: one run's part files, deleted as each shard commits
 
 
 def run_embed_pipeline(stage: EmbedStage, pending: list[ShardTask], cfg: Config, progress,
                        timings: dict | None = None) -> dict[str, str]:
-    """Ray Data: decode tasks -> EmbedActor pool -> per-shard commits on the driver (in a small
-    thread pool, so writing never stalls the stream). Returns {shard: error} for failed shards."""
+    """Ray Data: decode tasks -> EmbedActor pool (each actor writes its rows of a shard to a part
+    file and hands on one small record) -> the driver counts rows per shard -> each complete
+    shard goes to a ``Committer`` actor (assembles the parts, ``commit_shard``, deletes them). No
+    embedding passes through the driver. Returns {shard: error} for failed shards."""
     import ray
 
     ensure_ray(cfg)
@@ -553,6 +592,9 @@ def run_embed_pipeline(stage: EmbedStage, pending: list[ShardTask], cfg: Config,
     spec = ModelSpec.from_config(e)
     pp = preprocess_config(spec)
     pool, gpus, cpus = pool_resources(cfg)
+    parts_root = pending[0].output_root.join(TMP_DIR, PARTS_DIR)
+    parts_root.delete_tree()  # left by a killed run: never read (each commit names its own parts)
+    run_parts = parts_root.join(uuid.uuid4().hex[:12])
     t0 = time.monotonic()
     ds = ray.data.from_items([{"shard_index": i} for i in range(len(pending))],
                              override_num_blocks=len(pending))
@@ -560,70 +602,141 @@ def run_embed_pipeline(stage: EmbedStage, pending: list[ShardTask], cfg: Config,
     # keeps Ray Data from fusing decode into the actors, which would serialise decode and forward.
     ds = ds.map_batches(decode_shards, fn_args=(pending, pp, e.max_pixels, e.decode_rows),
                         batch_size=1, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
-    ds = ds.map_batches(EmbedActor, fn_constructor_args=(spec, e.batch_size, e.device if gpus else "cpu", cpus),
+    ds = ds.map_batches(EmbedActor, fn_constructor_args=(spec, e.batch_size, e.device if gpus else "cpu", cpus,
+                                                         run_parts),
                         batch_size=e.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool),
                         num_gpus=gpus or None, num_cpus=cpus)
+    committers = start_committers(len(pending))
+    stage_ref = ray.put(stage)
     partial: dict[int, _Partial] = {}
     failed: dict[str, str] = {}
-    futures: dict[int, Any] = {}
+    commits: dict[Any, int] = {}  # commit call -> shard index
+    submitted: set[int] = set()
     first_batch, done_at, wall0 = None, [], time.time()
-    with ThreadPoolExecutor(max_workers=4) as writer:
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                if first_batch is None:
-                    first_batch = time.monotonic()
-                done_at.append(batch["done_at"])
-                _gather(stage, batch, pending, partial, failed, futures, writer, progress)
-                _report(futures, pending, failed, progress, wait=False)
-        except Exception as err:  # the pipeline itself broke (e.g. the model failed to load)
-            for i, task in enumerate(pending):
-                if i not in futures and task.shard not in failed:
-                    failed[task.shard] = f"embed pipeline failed: {type(err).__name__}: {err}"
-        _report(futures, pending, failed, progress, wait=True)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            if first_batch is None:
+                first_batch = time.monotonic()
+            done_at.append((batch["done_at"], batch["rows"]))
+            for i in _gather(batch, pending, partial, failed, progress):
+                committer = committers[len(submitted) % len(committers)]
+                commits[committer.commit.remote(stage_ref, pending[i], partial.pop(i).parts)] = i
+                submitted.add(i)
+            _collect(commits, pending, failed, progress, wait=False)
+    except Exception as err:  # the pipeline itself broke (e.g. the model failed to load)
+        for i, task in enumerate(pending):
+            if i not in submitted and task.shard not in failed:
+                failed[task.shard] = f"embed pipeline failed: {type(err).__name__}: {err}"
+    _collect(commits, pending, failed, progress, wait=True)
+    parts_root.delete_tree()
     if timings is not None:
         timings.update(start=t0, first_batch=first_batch, end=time.monotonic(), **_actor_timings(done_at, wall0))
     return failed
 
 
-def _actor_timings(done_at: list[np.ndarray], wall0: float) -> dict[str, float]:
+class Committer:
+    """Commits complete shards from their part files (``commit_parts``). One per node, started
+    once per run: a task per shard would start a worker process per commit."""
+
+    def commit(self, stage: EmbedStage, task: ShardTask, parts: list[str]) -> dict[str, Any]:
+        return commit_parts(stage, task, parts)
+
+
+def start_committers(shards: int) -> list:
+    """One Committer per alive node (at most one per shard). Commits are I/O: no CPU reserved
+    (the pool and decode hold them); SPREAD, so every node writes. An actor that dies mid-commit
+    is restarted and the commit retried: it rewrites the same names, manifest entry last."""
+    import ray
+
+    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+    actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2, scheduling_strategy="SPREAD")(Committer)
+    return [actor.remote() for _ in range(min(nodes, max(shards, 1)))]
+
+
+def write_part(folder: Location, shard_index: int, part: dict[str, np.ndarray]) -> str:
+    """One actor batch's rows of one shard -> an Arrow IPC file; returns its path (the driver
+    hands the paths of a shard's parts to its committer)."""
+    emb = part[EMBEDDING]
+    table = pa.table({"row": pa.array(part["row"], pa.int64()),
+                      "reason": pa.array(part["reason"].tolist(), pa.string()),
+                      "detail": pa.array(part["detail"].tolist(), pa.string()),
+                      EMBEDDING: fixed_size_embeddings(emb.reshape(len(part["row"]), -1))})
+    dest = folder.join(f"{shard_index:06d}-{int(part['row'][0]):09d}.arrow")
+    folder.fs.create_dir(folder.path, recursive=True)
+    with dest.fs.open_output_stream(dest.path) as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    return dest.uri()
+
+
+def read_part(uri: str, fs) -> dict[str, np.ndarray]:
+    loc = Location.parse(uri, fs)
+    with loc.fs.open_input_file(loc.path) as f:
+        table = pa.ipc.open_file(f).read_all()
+    emb = table.column(EMBEDDING).combine_chunks()
+    return {"row": table.column("row").to_numpy(),
+            "reason": np.asarray(table.column("reason").to_pylist(), dtype=object),
+            "detail": np.asarray(table.column("detail").to_pylist(), dtype=object),
+            EMBEDDING: emb.values.to_numpy().reshape(len(table), emb.type.list_size)}
+
+
+def commit_parts(stage: EmbedStage, task: ShardTask, parts: list[str]) -> dict[str, Any]:
+    """On a worker: one shard's part files -> its output (the same ``assemble`` as in-process), committed
+    through ``commit_shard`` (data, ledger, manifest entry last); the parts are deleted after."""
+    start = time.monotonic()
+    fs = task.output_root.fs
+    read = [read_part(u, fs) for u in parts]
+    # the width from the parts: asking the model config would import open_clip (and torch) here
+    dim = read[0][EMBEDDING].shape[1] if read else ModelSpec.from_config(task.config.embed).model_config()["embed_dim"]
+    entry = commit_shard(stage, task, _assemble_parts(task, read, dim), start)
+    for uri in parts:
+        Location.parse(uri, fs).delete_if_exists()
+    return {k: entry[k] for k in ("shard", "input_rows", "kept_rows", "dropped_rows")}  # the driver needs no more
+
+
+def _actor_timings(done_at: list[tuple[np.ndarray, np.ndarray]], wall0: float) -> dict[str, float]:
     """Start-up = until the first actor batch finished; steady rate = rows of later batches over
     the time from the first to the last batch finishing (gaps from a starved pipeline count)."""
     if not done_at:
         return {}
-    t = np.concatenate(done_at)
+    t = np.concatenate([d for d, _ in done_at])
+    rows = np.concatenate([r for _, r in done_at])
     first, last = float(t.min()), float(t.max())
-    later = int((t > first).sum())
+    later = int(rows[t > first].sum())
     return {"actor_startup_s": first - wall0, "actor_steady_s": last - first, "actor_steady_rows": later,
             "actor_steady_rows_per_s": later / (last - first) if last > first else float("nan")}
 
 
-def _report(futures: dict[int, Any], pending, failed, progress, wait: bool) -> None:
+def _collect(commits: dict[Any, int], pending, failed, progress, wait: bool) -> None:
     """Progress for committed shards; a failed commit fails that shard only."""
-    for i in [i for i, f in futures.items() if f is not None and (wait or f.done())]:
-        fut, futures[i] = futures[i], None  # None = reported
+    import ray
+
+    if not commits:
+        return
+    ready, _ = ray.wait(list(commits), num_returns=len(commits), timeout=None if wait else 0)
+    for ref in ready:
+        i = commits.pop(ref)
         try:
-            progress.update(1, fut.result()["input_rows"])
+            progress.update(1, ray.get(ref)["input_rows"])
         except Exception as err:
             failed[pending[i].shard] = f"{type(err).__name__}: {err}"
             progress.update(1, 0)
 
 
-def _gather(stage, batch, pending, partial, failed, futures, writer, progress) -> None:
-    dim = batch[EMBEDDING].shape[1]
-    for shard_index in np.unique(batch["shard_index"]).tolist():
-        sel = batch["shard_index"] == shard_index
-        part = {k: batch[k][sel] for k in ("row", "reason", "detail", "shard_rows", EMBEDDING)}
-        state = partial.setdefault(shard_index, _Partial(parts=[]))
-        if part["row"][0] == _SHARD_MARKER and part["reason"][0] == "shard_failed":
-            failed[pending[shard_index].shard] = str(part["detail"][0])
-            partial.pop(shard_index)
+def _gather(batch, pending, partial, failed, progress) -> list[int]:
+    """Count the records of one output block; returns the indices of the shards now complete."""
+    complete = []
+    for j in range(len(batch["shard_index"])):
+        shard_index = int(batch["shard_index"][j])
+        if batch["reason"][j] == "shard_failed":
+            failed[pending[shard_index].shard] = str(batch["detail"][j])
+            partial.pop(shard_index, None)
             progress.update(1, 0)
             continue
-        state.expected = int(part["shard_rows"][0])
-        state.parts.append(part)
-        state.received += int((part["row"] != _SHARD_MARKER).sum())
+        state = partial.setdefault(shard_index, _Partial())
+        state.expected = int(batch["shard_rows"][j])
+        if batch["part"][j]:
+            state.parts.append(str(batch["part"][j]))
+            state.received += int(batch["rows"][j])
         if state.received == state.expected:
-            parts = partial.pop(shard_index).parts
-            task = pending[shard_index]
-            futures[shard_index] = writer.submit(
-                lambda t=task, p=parts, d=dim: commit_shard(stage, t, _assemble_parts(t, p, d)))
+            complete.append(shard_index)
+    return complete

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -121,6 +122,17 @@ class IngestStage(SinglePassStage):
     # ------------------------------------------------------------------ one shard
 
     def process(self, task: ShardTask) -> ShardOutput:
+        return self._process(task)
+
+    def process_rows(self, task: ShardTask, rows: list[int]) -> ShardOutput:
+        """`ovpipe retry`: only these rows are read (paths resolve against the shard's own folder,
+        so the default's filtered copy would not do). A recovered image whose bytes another kept
+        row already has is a duplicate of that row: the sample already kept stays the winner, as
+        in an incremental run."""
+        result = self._process(task, set(rows))
+        return _recovered_duplicates(task, result) if task.config.ingest.dedup else result
+
+    def _process(self, task: ShardTask, only_rows: set[int] | None = None) -> ShardOutput:
         cfg = task.config.ingest
         duplicates = self._duplicates.get(task.shard, {})
         fixed_source = cfg.source or default_source(task.input, task.input_root)
@@ -128,7 +140,7 @@ class IngestStage(SinglePassStage):
         ledger = Ledger(self.name)
         rows: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
         count = 0
-        for rec in read_shard(task.input, cfg):
+        for rec in read_shard(task.input, cfg, only_rows):
             count += 1
             if rec.error is not None:
                 ledger.drop(rec.locator, rec.error[0], rec.error[1])
@@ -156,6 +168,34 @@ class IngestStage(SinglePassStage):
             raise RuntimeError(f"{uri} could not be read during the dedup pass, so its duplicates are "
                                "unknown; the shard is left uncommitted and the next run retries it")
         return ShardOutput(pa.Table.from_pydict(rows, schema=INGEST_SCHEMA), ledger, count)
+
+
+def _recovered_duplicates(task: ShardTask, result: ShardOutput) -> ShardOutput:
+    """Rows a retry recovered whose bytes a kept row already has (in any committed shard, or an
+    earlier recovered row of this shard) are ledgered ``duplicate``, with the same detail as the
+    dedup shuffle writes. Memory: the recovered rows' hashes only; every shard's hash column is read."""
+    table = result.table
+    if not table.num_rows:
+        return result
+    hashes = table.column("sample_hash").to_pylist()
+    wanted = pa.array(sorted(set(hashes)), pa.uint64())
+    winner: dict[int, str] = {}
+    for e in sorted(read_manifest_entries(task.output_root).values(), key=lambda e: e["shard"]):
+        kept = pq.read_table(task.output_root.join(e["output"]).path, filesystem=task.output_root.fs,
+                             columns=["sample_hash", "input_shard", "input_row"])
+        kept = kept.filter(pc.is_in(kept.column("sample_hash"), value_set=wanted))
+        for h, uri, row in zip(*(kept.column(c).to_pylist() for c in kept.column_names)):
+            winner.setdefault(h, f"same bytes as the sample kept at {uri} row {row}")
+    keep = []
+    ids, rows = table.column("sample_id").to_pylist(), table.column("input_row").to_pylist()
+    for i, h in enumerate(hashes):
+        if h in winner:
+            result.ledger.drop(f"{task.input.uri()}#row={rows[i]}", "duplicate", winner[h], ids[i])
+        else:
+            winner[h] = f"same bytes as the sample kept at {task.input.uri()} row {rows[i]}"
+            keep.append(i)
+    result.table = table.take(pa.array(keep, pa.int64()))
+    return result
 
 
 # ---------------------------------------------------------------------- the dedup shuffle

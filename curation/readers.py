@@ -11,7 +11,8 @@ An input shard is one of:
   first '.' of its file name), image from ``jpg``/``jpeg``/``png``/``webp``/..., text from ``txt``,
   metadata from ``json`` (``caption``/``text``, ``key``, ``license``, ``source``). img2dataset's
   WebDataset output works as it comes; its sidecar ``NNNNN.parquet`` next to ``NNNNN.tar`` is
-  metadata, not a shard, and is skipped.
+  metadata, not a shard: the downloads it records as failed (in no tar) are ledgered
+  ``missing_image`` with the tar's shard, with status, error and URL.
 * a folder of image files (non-recursive: each folder that directly holds images is one shard),
   with optional sidecar captions ``<stem>.txt``. Folders count as shards only when the input holds
   no Parquet or tar files (otherwise images beside them are what the path columns reference).
@@ -94,15 +95,19 @@ def list_ingest_shards(root: Location, cfg: IngestSection) -> list[Location]:
     return sorted(shards, key=lambda loc: loc.path)
 
 
-def read_shard(shard: Location, cfg: IngestSection) -> Iterator[Record]:
-    """Every sample of one input shard, in order."""
+def read_shard(shard: Location, cfg: IngestSection, only_rows: set[int] | None = None) -> Iterator[Record]:
+    """Every sample of one input shard, in order (``only_rows``: only those rows, for `ovpipe
+    retry`; a Parquet shard then reads no image path of the other rows)."""
     info = shard.fs.get_file_info(shard.path)
     if info.type == pafs.FileType.Directory:
-        yield from read_image_folder(shard, cfg)
+        records = read_image_folder(shard, cfg)
     elif shard.path.endswith(".tar"):
-        yield from read_webdataset_tar(shard, cfg)
+        records = read_webdataset_tar(shard, cfg)
     else:
-        yield from read_parquet(shard, cfg)
+        records = read_parquet(shard, cfg, only_rows)
+    for rec in records:
+        if only_rows is None or rec.row in only_rows:
+            yield rec
 
 
 # ----------------------------------------------------------------------------- Parquet
@@ -128,7 +133,7 @@ def _check_image_column_type(schema: pa.Schema, name: str, holds_bytes: bool, ur
                          f"{'bytes' if holds_bytes else 'paths'}.")
 
 
-def read_parquet(shard: Location, cfg: IngestSection) -> Iterator[Record]:
+def read_parquet(shard: Location, cfg: IngestSection, only_rows: set[int] | None = None) -> Iterator[Record]:
     uri = shard.uri()
     with shard.fs.open_input_file(shard.path) as f:
         pf = pq.ParquetFile(f)
@@ -149,6 +154,7 @@ def read_parquet(shard: Location, cfg: IngestSection) -> Iterator[Record]:
             "license": cfg.license_column if cfg.license_column in names else None,
             "status": "status" if "status" in names else None,  # img2dataset
             "error": "error_message" if "error_message" in names else None,
+            "url": "url" if "url" in names else None,
         }
         wanted = [c for c in (image_col or path_col, *optional.values()) if c]
         folder = posixpath.dirname(shard.path)
@@ -160,6 +166,9 @@ def read_parquet(shard: Location, cfg: IngestSection) -> Iterator[Record]:
             values = column.to_pylist()
             extra = {k: (batch.column(c).to_pylist() if c else [None] * len(values)) for k, c in optional.items()}
             for i, value in enumerate(values):
+                if only_rows is not None and row not in only_rows:
+                    row += 1
+                    continue
                 rec = Record(
                     row=row, locator=f"{uri}#row={row}",
                     text=_clip_text(extra["text"][i], cfg.max_text_bytes),
@@ -171,7 +180,8 @@ def read_parquet(shard: Location, cfg: IngestSection) -> Iterator[Record]:
                     rec.data, rec.image_uri, rec.image_member, rec.image_row = value, uri, image_col, row
                     status = extra["status"][i]
                     if value is None and status not in (None, "success"):
-                        rec.error = ("missing_image", f"img2dataset status {status!r}: {extra['error'][i]}")
+                        rec.error = ("missing_image", _download_failure(status, extra["error"][i],
+                                                                        _clip_text(extra["url"][i], 2048)))
                 else:
                     _read_path_into(rec, value, shard.fs, folder, cfg.max_image_bytes)
                 yield rec
@@ -242,6 +252,47 @@ def read_webdataset_tar(shard: Location, cfg: IngestSection) -> Iterator[Record]
         yield Record(row=row, locator=f"{uri}#member-index={row}",
                      error=("unreadable_shard", f"tar cannot be read past sample {row}: {type(e).__name__}: {e}"),
                      image_uri=uri)
+        row += 1
+    yield from _failed_downloads(shard, row)
+
+
+def _failed_downloads(tar: Location, first_row: int) -> Iterator[Record]:
+    """img2dataset's WebDataset output keeps the samples it failed to download only in the sidecar
+    ``NNNNN.parquet`` beside ``NNNNN.tar`` (status, error_message, url, key): each becomes a
+    ``missing_image`` ledger row of the tar's shard, with status, error and URL, numbered after the
+    tar's samples (the locator names the sidecar row)."""
+    sidecar = Location(tar.fs, tar.path[: -len(".tar")] + ".parquet")
+    try:
+        if not sidecar.exists():
+            return
+        with sidecar.fs.open_input_file(sidecar.path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if "status" not in names:
+                return
+            columns = [c for c in ("status", "error_message", "url", "key") if c in names]
+            table = pf.read(columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        yield Record(row=first_row, locator=sidecar.uri(), image_uri=sidecar.uri(),
+                     error=("unreadable_shard", f"img2dataset sidecar cannot be read: {type(e).__name__}: {e}"[:500]))
+        return
+    values = {c: table.column(c).to_pylist() if c in columns else [None] * table.num_rows
+              for c in ("status", "error_message", "url", "key")}
+    row = first_row
+    for i, status in enumerate(values["status"]):
+        if status in (None, "success"):
+            continue
+        url = _clip_text(values["url"][i], 2048)
+        yield Record(row=row, locator=f"{sidecar.uri()}#row={i}", key=_clip_text(values["key"][i], 1024),
+                     image_uri=url or "", error=("missing_image", _download_failure(status, values["error_message"][i], url)))
+        row += 1
+
+
+def _download_failure(status, error, url: str | None) -> str:
+    """The ledger detail of a failed img2dataset download: status, error and (last) ``url=URL``,
+    so the failed URLs can be handed back to the downloader."""
+    text = f"img2dataset status {status!r}: {_clip_text(error, 500)}"
+    return text + (f" url={url}" if url else "")
 
 
 def _check_end_of_archive(f, offset: int) -> None:

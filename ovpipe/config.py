@@ -35,7 +35,8 @@ class PipelineSection(Section):
                         json_schema_extra=NOT_HASHED)
     run_id: str = Field("", description="Name of this run's version; empty = a hash of config + input listing.",
                         json_schema_extra=NOT_HASHED)
-    steps: list[str] = Field([], description=f"Steps to run; empty = all ({', '.join(registry.names())}).",
+    steps: list[str] = Field([], description=f"Steps to run; empty = every step ({', '.join(registry.names())}) except "
+                             "optional ones their section does not enable.",
                              json_schema_extra=NOT_HASHED)
 
 

@@ -17,8 +17,9 @@ def demo_config(cfg: Config) -> Config:
     """The demo's own defaults (tiny models, small vocabularies) on top of the user's config."""
     e = cfg.embed
     if (e.model, e.pretrained) == ("ViT-H-14-quickgelu", "metaclip_fullcc"):  # the production default
-        # a seeded random 64-d open_clip model (curation/embed.py TINY_MODELS): no download
-        tiny = e.model_copy(update={"model": "ovpipe-tiny-clip", "pretrained": "random", "batch_size": 32})
+        # the built-in stand-in (curation/thumbnail.py): a seeded random projection of a thumbnail,
+        # no download; unlike a tiny random CLIP it keeps distinct images apart (concepts spread)
+        tiny = e.model_copy(update={"model": "ovpipe-thumbnail", "pretrained": "random", "batch_size": 32})
         cfg = cfg.model_copy(update={"embed": tiny})
     b = cfg.balance
     if not (b.target or b.fraction or b.threshold):  # keep half of the demo images
@@ -28,11 +29,7 @@ def demo_config(cfg: Config) -> Config:
         # a tiny random embedding model gives many images the same top-3 concepts; naming all 5
         # keeps more pseudo-captions distinct, so fewer demo samples end as duplicate captions
         cfg = cfg.model_copy(update={"caption": c.model_copy(update={"concepts_top_k": 5})})
-    p = cfg.pack
-    if p.buckets == 16:  # the production default: with the demo's ~90 captions, 16 buckets would
-        # leave every pack nearly empty; 2 buckets fill about two 8K packs
-        cfg = cfg.model_copy(update={"pack": p.model_copy(update={"buckets": 2})})
-    return cfg
+    return cfg  # pack.buckets = 0 (the default) picks one bucket for the demo's few captions
 
 
 def run_demo(out: str, n: int, cfg: Config, overwrite: bool = False) -> dict:

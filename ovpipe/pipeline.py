@@ -8,6 +8,7 @@ Writes, under ``pipeline.output`` (local or URI)::
                                        global stages, recomputed over the union for each run
     runs/<run_id>.json                 the run manifest: id, config hash, inputs, counts, timings
     runs/LATEST                        the id of the newest finished run (object stores: no links)
+    runs/<run_id>.html                 the run report (ovpipe/report.py): funnel, plots, config, timings
 
 A scheduled run over a folder where new shards arrived processes only the shards its per-shard
 stages have not committed (their manifests say which), reuses what earlier runs embedded and
@@ -23,6 +24,7 @@ stage it reads, and whether its folder lives in the shared area or in the run's 
 from __future__ import annotations
 
 import posixpath
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,8 @@ from ovpipe.core.progress import summary_table
 from ovpipe.core.shards import Location, read_json, write_bytes_atomic, write_json
 from ovpipe.core.stage import StageSummary, input_file_infos
 from ovpipe.registry import SHARED, StageEntry
+from ovpipe.retry import retry_output
+from ovpipe.report import write_report
 
 if TYPE_CHECKING:
     from ovpipe.config import Config
@@ -40,6 +44,25 @@ if TYPE_CHECKING:
 
 def step_names() -> list[str]:
     return registry.names()
+
+
+def default_steps(cfg: Config) -> list[str]:
+    """Every registered stage, except optional ones their config does not enable."""
+    return [e.name for e in registry.STAGES if not e.optional or e.load().enabled(cfg)]
+
+
+def input_step(entry: StageEntry, wanted: list[str], cfg: Config) -> str:
+    """The step whose output this step reads: the first candidate that runs in this run, else
+    the first enabled by the config (its folder from an earlier run), else the last candidate."""
+    candidates = entry.read_candidates
+    for name in candidates:
+        if name == registry.INPUT or name in wanted:
+            return name
+    for name in candidates:
+        found = registry.entry(name)  # read_candidates holds registered names only
+        if not found.optional or found.load().enabled(cfg):
+            return name
+    return candidates[-1]
 
 
 def default_run_id(inputs: list[Location], cfg: Config) -> str:
@@ -63,12 +86,15 @@ def step_folder(out: Location, step: StageEntry, run_id: str, versioned: bool) -
 
 def run_pipeline(input: str, output: str, cfg: Config, *, run_id: str | None = None,
                  overwrite: bool = False, versioned: bool = True, steps: list[str] | None = None,
-                 filesystem=None) -> dict[str, Any]:
-    """Run (or resume) every step; returns the run manifest (also written to runs/<id>.json)."""
+                 filesystem=None, retry: bool = False) -> dict[str, Any]:
+    """Run (or resume) every step; returns the run manifest (also written to runs/<id>.json).
+    ``retry`` (`ovpipe run --retry`): before a step runs, the rows its existing output dropped for
+    one of its transient reasons are retried (ovpipe/retry.py); the step, and every later one,
+    then redo only the shards whose input that changed."""
     start = time.monotonic()
     input_root = Location.parse(input, filesystem)
     out = Location.parse(output, filesystem)
-    wanted = steps or step_names()
+    wanted = steps or default_steps(cfg)
     unknown = sorted(set(wanted) - set(step_names()))
     if unknown:
         raise ValueError(f"unknown pipeline steps {unknown}; the steps are {step_names()}")
@@ -89,11 +115,19 @@ def run_pipeline(input: str, output: str, cfg: Config, *, run_id: str | None = N
         stage = stages[entry.name]
         output = stage.resolve_output(cfg, folder.uri(), run_id)
         runs = stage.pipeline_runs(cfg, output)
-        summaries = [stage.run(folders[entry.reads].uri(), where, run_cfg, overwrite=overwrite)
+        source = folders[input_step(entry, wanted, cfg)]  # every earlier step has its folder
+        retried = {}
+        if retry and entry.transient_reasons and not overwrite and folder.join("_manifest", "_stage.json").exists():
+            retried = retry_output(entry, source, folder, cfg, list(entry.transient_reasons),
+                                   filesystem=filesystem).by_reason
+        summaries = [stage.run(source.uri(), where, run_cfg, overwrite=overwrite)
                      for where, run_cfg in runs]
         record = _one_record(entry.name, output, summaries)
+        if retried:
+            record["retried_this_run"] = retried  # per reason: retried, recovered, still failing
         record["wall_seconds"] = round(time.monotonic() - t0, 3)
-        record["rows_per_s"] = round(record["input_rows"] / max(record["wall_seconds"], 1e-9), 1)
+        # three significant digits: training reads ~0.02 packs/s, which one decimal rounds to 0
+        record["rows_per_s"] = float(f"{record['input_rows'] / max(record['wall_seconds'], 1e-9):.3g}")
         # relative to where the step's last run wrote: for train on an object-store run, under train.run_dir
         record["report"] = posixpath.join(runs[-1][0], entry.report) if entry.report else None
         records.append(record)
@@ -104,11 +138,19 @@ def run_pipeline(input: str, output: str, cfg: Config, *, run_id: str | None = N
         "output": out.uri(),
         "inputs": [loc.uri() for loc in inputs],
         "stages": records,
+        "config": cfg.model_dump(mode="json"),  # the resolved config, for the run report
         "seconds": round(time.monotonic() - start, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    manifest["report"] = out.join("runs", f"{run_id}.html").uri()
     write_json(out.join("runs", f"{run_id}.json"), manifest)
     write_bytes_atomic(out.join("runs", "LATEST"), run_id.encode())
+    try:  # a by-product: a run whose outputs are all committed does not fail on its report
+        write_report(out.join("runs", f"{run_id}.json"), out.join("runs", f"{run_id}.html"))
+    except Exception as e:  # noqa: BLE001
+        manifest["report"] = None
+        print(f"run report not written ({type(e).__name__}: {e}); `ovpipe report {out.uri()}` retries",
+              file=sys.stderr)
     return manifest
 
 
@@ -143,4 +185,6 @@ def run_summary_table(manifest: dict[str, Any]) -> str:
     lines = [summary_table(manifest["stages"])]
     for s in manifest["stages"]:
         lines.append(f"{s['stage']:>8}: {s['output']}" + (f"   report: {s['report']}" if s.get("report") else ""))
+    if manifest.get("report"):
+        lines.append(f"run report (open in a browser): {manifest['report']}")
     return "\n".join(lines)

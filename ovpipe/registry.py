@@ -31,6 +31,7 @@ class Flag:
     help: str = ""
     choices: tuple[Any, ...] = ()
     aliases: tuple[str, ...] = ()  # older spellings still accepted
+    action: str = ""  # "append": repeatable, the key gets the list (merge's --input NAME=PATH ...)
 
 
 # Flags every per-shard stage takes (not train: its run folder resumes itself).
@@ -46,11 +47,19 @@ class StageEntry:
     summary: str  # one line: what it reads -> what it writes
     impl: str  # "module:Class" of the Stage
     config: str = ""  # "module:Class" of its config section ([<name>] in the TOML); "" = none
-    reads: str = INPUT  # INPUT or the name of an earlier stage
+    # INPUT, an earlier stage's name, or several in order of preference (an optional stage in
+    # between): in `ovpipe run` a step reads the first candidate that runs in this run, else the
+    # first one enabled by the config, else the last (see pipeline.input_step).
+    reads: str | tuple[str, ...] = INPUT
     scope: str = SHARED
+    # Off in `ovpipe run` unless the stage's enabled(cfg) says so or pipeline.steps names it.
+    optional: bool = False
     report: str = ""  # its report, relative to the folder its (last) run wrote
     flags: dict[str, Flag] = field(default_factory=dict)
     run_flags: bool = True  # --overwrite, --quiet and RUN_FLAGS
+    # ledger reasons that may succeed when tried again (a server, a host, a path that was away):
+    # what `ovpipe retry` re-runs unless --reasons names others (ovpipe/retry.py)
+    transient_reasons: tuple[str, ...] = ()
     example: str = ""
 
     def load(self) -> Stage:
@@ -58,6 +67,12 @@ class StageEntry:
 
     def config_model(self) -> type:
         return _import(self.config)
+
+    @property
+    def read_candidates(self) -> tuple[str, ...]:
+        """What this stage may read, in order of preference; names not registered are skipped."""
+        wanted = (self.reads,) if isinstance(self.reads, str) else self.reads
+        return tuple(r for r in wanted if r == INPUT or find(r) is not None) or (INPUT,)
 
     def all_flags(self) -> dict[str, Flag]:
         return {**(RUN_FLAGS if self.run_flags else {}), **self.flags}
@@ -69,6 +84,7 @@ STAGES: list[StageEntry] = [
         "curation.ingest:IngestStage", "curation.config:IngestSection",
         flags={"--source": Flag("ingest.source", str, "source name of every row (default: parent folder)"),
                "--max-pixels": Flag("ingest.max_pixels", int, "larger images are ledgered too_many_pixels")},
+        transient_reasons=("unreadable_path",),
         example="ovpipe ingest --input raw/ --output out/ingest"),
     StageEntry(
         "embed", "ingested samples -> + L2-normalised float16 open_clip image embedding (Ray Data actor pool)",
@@ -79,6 +95,7 @@ STAGES: list[StageEntry] = [
                "--pool-size": Flag("embed.pool_size", int, "embedding actors; 0 = one per GPU"),
                "--num-gpus-per-actor": Flag("embed.num_gpus_per_actor", float, "GPUs per actor"),
                "--num-cpus-per-actor": Flag("embed.num_cpus_per_actor", float, "CPUs per actor")},
+        transient_reasons=("image_not_found",),
         example="ovpipe embed --input out/ingest --output out/embed --pretrained /models/h14_fullcc2.5b.pt"),
     StageEntry(
         "assign", "embedded samples -> + top-k concept_ids / concept_scores (FAISS or torch; cached concept index)",
@@ -90,8 +107,33 @@ STAGES: list[StageEntry] = [
                "--cache-dir": Flag("assign.cache_dir", str, "concept cache folder")},
         example="ovpipe assign --input out/embed --output out/assign --vocabulary metadata.json --k 5"),
     StageEntry(
+        "dedup", "embedded/assigned samples -> near-duplicate images removed (k-means clusters: cosine and/or "
+        "perceptual hash), one kept per group + threshold report",
+        "curation.dedup:DedupStage", "curation.config:DedupSection", reads=("assign", "embed"), optional=True,
+        report="_report",
+        flags={"--threshold": Flag("dedup.threshold", float, "cosine at or above which images are duplicates"),
+               "--method": Flag("dedup.method", str, "what makes a duplicate", ("both", "embedding", "phash")),
+               "--phash-bits": Flag("dedup.phash_bits", int, "perceptual-hash Hamming distance at or below "
+                                    "which images are duplicates"),
+               "--clusters": Flag("dedup.clusters", int, "k-means clusters; 0 = rows / dedup.cluster_rows")},
+        example="ovpipe dedup --input out/assign --output out/dedup --threshold 0.95 --method both"),
+    StageEntry(
+        "decontaminate", "embedded samples -> samples matching an evaluation image (exact, perceptual hash, "
+        "cosine) ledgered benchmark_overlap + report",
+        "curation.decontaminate:DecontaminateStage", "curation.config:DecontaminateSection",
+        reads=("dedup", "assign", "embed"), optional=True, report="_report",
+        flags={"--benchmarks": Flag("decontaminate.benchmarks", str, "an evaluation set: a folder of images, "
+                                    "a Parquet file, or NAME=PATH (repeatable)", action="append"),
+               "--threshold": Flag("decontaminate.threshold", float, "cosine at or above which images match"),
+               "--method": Flag("decontaminate.method", str, "besides exact bytes", ("both", "embedding", "phash")),
+               "--phash-bits": Flag("decontaminate.phash_bits", int, "perceptual-hash Hamming distance at or "
+                                    "below which images match")},
+        example="ovpipe decontaminate --input out/dedup --output out/decontaminate --benchmarks evals/mmbench "
+                "--benchmarks evals/textvqa.parquet"),
+    StageEntry(
         "balance", "concept assignments -> concept-balanced selection (inverse_frequency or metaclip) + report",
-        "curation.balance:BalanceStage", "curation.config:BalanceSection", reads="assign", scope=VERSION, report="_report",
+        "curation.balance:BalanceStage", "curation.config:BalanceSection",
+        reads=("decontaminate", "dedup", "assign"), scope=VERSION, report="_report",
         flags={"--mode": Flag("balance.mode", str, "sampling rule", ("inverse_frequency", "metaclip")),
                "--target": Flag("balance.target", int, "images to select"),
                "--fraction": Flag("balance.fraction", float, "share of the usable input to select"),
@@ -104,15 +146,24 @@ STAGES: list[StageEntry] = [
                "--base-url": Flag("caption.base_url", str, "OpenAI-compatible server root (vllm serve)"),
                "--model": Flag("caption.model", str, "captioner model"),
                "--zh-share": Flag("caption.zh_share", float, "share of Chinese captions")},
+        transient_reasons=("caption_request_failed",),
         example="ovpipe caption --input out/balance --output out/caption --backend openai "
                 "--base-url http://gpu:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct"),
     StageEntry(
+        "merge", "instruction datasets (LLaVA JSON/JSONL, FineVision / OpenAI-messages Parquet) -> one deduplicated "
+        "conversation dataset at a category mixture + report", "curation.merge:MergeStage",
+        "curation.merge_config:MergeSection", optional=True, scope=VERSION, report="merge_report.png",
+        flags={"--input": Flag("merge.sources", str, "a source, NAME=PATH or PATH (repeatable)", action="append"),
+               "--partitions": Flag("merge.partitions", int, "hash partitions of the dedup shuffle")},
+        example="ovpipe merge --input llava=data/llava.json --input fv=data/finevision/ --output out/merge"),
+    StageEntry(
         "pack", "captioned samples / LLaVA conversations / (sample_id, num_tokens) -> packed Parquet shards "
-        "of <= max-len tokens", "packing.stage:PackStage", "packing.config:PackSection", reads="caption", scope=VERSION,
+        "of <= max-len tokens", "packing.stage:PackStage", "packing.config:PackSection",
+        reads=("merge", "caption"), scope=VERSION,
         report="pack_stats.png",
         flags={"--max-len": Flag("pack.max_len", int, "tokens per pack"),
                "--max-samples-per-pack": Flag("pack.max_samples_per_pack", int, "0 = no limit"),
-               "--buckets": Flag("pack.buckets", int, "hash buckets packed independently"),
+               "--buckets": Flag("pack.buckets", int, "hash buckets (0 = from the input size)"),
                "--tokenizer": Flag("pack.tokenizer", str, "'qwen' or a local Hugging Face tokenizer folder"),
                "--overlong": Flag("pack.overlong", str, "samples over max-len", ("drop", "truncate"))},
         example="ovpipe pack --input out/caption --output out/pack --max-len 8192"),

@@ -17,8 +17,15 @@ class PackSection(Section):
     max_len: int = Field(8192, gt=0, description="Tokens per pack (a sample's length counts text, image "
                          "tokens and vision markers).")
     max_samples_per_pack: int = Field(0, ge=0, description="At most this many samples in one pack; 0 = no limit.")
-    buckets: int = Field(16, gt=0, description="Hash buckets (sample_hash mod B) packed independently, "
-                         "one Ray task each; a bucket's samples must fit in one task's memory.")
+    buckets: int = Field(0, ge=0, description="Hash buckets (sample_hash mod B), one Ray task each; a "
+                         "bucket's samples must fit in one task's memory. 0 = from the input size: the "
+                         "smallest power of two giving at most pack.samples_per_bucket samples per bucket "
+                         "(1 for a small run). The pack count is one global best-fit-decreasing's "
+                         "whatever B is.")
+    samples_per_bucket: int = Field(16384, gt=0, description="With pack.buckets = 0: target samples per "
+                                    "bucket, counted from the inputs' Parquet footers (JSON: one per KiB). "
+                                    "16384 rendered samples at ~150 KB each is ~2.5 GB per task; lengths-only "
+                                    "input can take far more.")
     overlong: Literal["drop", "truncate"] = Field("drop", description="Samples over max_len: 'drop' "
                                                   "(ledgered as overlong) or 'truncate' (text only, never "
                                                   "inside an image span).")
@@ -43,3 +50,8 @@ class PackSection(Section):
     packs_per_row_group: int = Field(64, gt=0, description="Parquet row-group size of the pack shards.")
     plot: bool = Field(True, description="Write pack_stats.png next to pack_stats.json.",
                        json_schema_extra=NOT_HASHED)
+    keep_staged: bool = Field(False, description="Keep the intermediate payload (OUT/_staged/_payload/ "
+                              "and OUT/_pool/: every sample rendered, a second copy of the packs' bytes) "
+                              "after the stage has committed; without it, a later run on a changed input "
+                              "re-renders every input shard, with it only the changed ones.",
+                              json_schema_extra=NOT_HASHED)

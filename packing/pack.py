@@ -27,6 +27,14 @@ packs already hold, so a slot's place in the output is ``offsets[pack] + before 
 by two ``np.repeat`` expansions; pack sizes and totals come from difference arrays over the ops.
 The one sort, (length, key) as packed uint64 words, is polars' (single-threaded, ~3x numpy's).
 Memory is a few arrays of N (see benchmarks/pack_85m.py).
+
+Buckets without losing packs (``plan_buckets`` + ``fill_plan``, used by packing/stage.py): the
+BFD above runs ONCE on the sum of the buckets' length histograms; its packs, grouped into runs of
+identical packs, are handed to the buckets that can form them from their own samples, and the
+few a bucket cannot complete alone go to repair shards that get exactly the samples left over.
+So the pack count is the global BFD's for any number of buckets (packing each bucket on its own,
+then re-packing the under-filled packs together, is not: BFD is not monotone, and on uniform
+lengths the loss survives any such repair).
 """
 
 from __future__ import annotations
@@ -221,21 +229,129 @@ def pack_lengths(lengths: np.ndarray, capacity: int, *, max_items: int | None = 
     if lo < 1 or hi > capacity:
         raise ValueError(f"lengths must be in [1, {capacity}], got [{lo}, {hi}]")
     ops, num_packs = bfd_histogram(np.bincount(lengths, minlength=capacity + 1), capacity, max_items)
+    res, _pool = fill_plan(lengths, ops, num_packs, capacity, sample_hash=sample_hash, seed=seed,
+                           image_tokens=image_tokens)
+    return res
+
+
+def fill_plan(lengths: np.ndarray, ops: np.ndarray, num_packs: int, capacity: int, *,
+              sample_hash: np.ndarray | None = None, seed: int = 0,
+              image_tokens: np.ndarray | None = None) -> tuple[PackResult, np.ndarray]:
+    """Put samples into the slots of a plan (``ops`` as ``bfd_histogram`` returns them, for packs
+    0..num_packs-1). Samples of length L, ordered by (seeded hash of ``sample_hash``, index), fill
+    the plan's length-L slots in placement order; those left over (more samples of a length than
+    the plan has slots for) are returned as the pool, in that order. Every slot must be filled."""
+    lengths = np.asarray(lengths)
+    n = len(lengths)
     counts = _per_pack(ops, num_packs, np.ones(len(ops), np.int64))
     offsets = np.zeros(num_packs + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     tokens = _per_pack(ops, num_packs, ops[:, 2])
     pos, pack_by_len = _slot_positions(ops, offsets, with_pack=image_tokens is not None)
-    del ops
     # Samples by (length, seeded hash): a stable order whatever the input order.
     key = seeded_mix(sample_hash if sample_hash is not None else np.arange(n, dtype=np.uint64), seed)
-    by_len = _order_by_length_then_key(lengths, key, capacity)
+    by_len = _order_by_length_then_key(lengths, key, capacity) if n else np.zeros(0, np.int64)
     del key
+    pool = np.zeros(0, np.int64)
+    if int(offsets[-1]) != n:  # the plan holds only some of the samples: the first of each length
+        slots = np.bincount(ops[:, 2], weights=ops[:, 1] * ops[:, 3], minlength=capacity + 1).astype(np.int64)
+        have = np.bincount(lengths, minlength=capacity + 1)
+        if (slots > have).any():
+            raise ValueError("the plan has more slots of some length than there are samples of it")
+        sorted_len = lengths[by_len]
+        first_of_len = np.cumsum(have) - have
+        used = np.arange(n) - first_of_len[sorted_len] < slots[sorted_len]
+        by_len, pool = by_len[used], by_len[~used]
+    del ops
     if image_tokens is not None:
         by_len = _spread_images(by_len, pack_by_len, lengths, np.asarray(image_tokens), num_packs)
-    order = np.empty(n, dtype=np.int64)
+    order = np.empty(len(by_len), dtype=np.int64)
     order[pos] = by_len
-    return PackResult(order, offsets, tokens)
+    return PackResult(order, offsets, tokens), pool
+
+
+@dataclass
+class BucketPlan:
+    """One global BFD plan split over hash buckets (``plan_buckets``). The plan's packs come in
+    groups of identical packs; group ``g`` is ``contents[content_offsets[g]:content_offsets[g+1]]``
+    (rows: length, items of that length per pack, items placed before them), and
+    ``alloc[b, g]`` of its ``copies[g]`` packs are formed inside bucket b from b's own samples;
+    the rest (``repair_copies``) are formed by the repair shard from every bucket's left-over
+    samples, whose lengths are exactly what those packs need."""
+
+    contents: np.ndarray  # int64[K, 3]
+    content_offsets: np.ndarray  # int64[G+1]
+    copies: np.ndarray  # int64[G]
+    alloc: np.ndarray  # int64[B, G]
+    pool: np.ndarray  # int64[B, L]: each bucket's samples of each length left to the repair
+    num_packs: int  # the global BFD's pack count: the buckets' and the repair's packs add up to it
+
+    @property
+    def repair_copies(self) -> np.ndarray:
+        return self.copies - self.alloc.sum(axis=0)
+
+    def ops(self, copies: np.ndarray) -> tuple[np.ndarray, int]:
+        """Ops (``bfd_histogram``'s layout) of ``copies[g]`` packs of each group, groups in plan
+        order: packs numbered from 0 in that order."""
+        keep = np.flatnonzero(copies)
+        firsts = np.cumsum(copies[keep]) - copies[keep]
+        rows = []
+        for g, first in zip(keep.tolist(), firsts.tolist()):
+            c = self.contents[self.content_offsets[g]:self.content_offsets[g + 1]]
+            op = np.empty((len(c), 5), np.int64)
+            op[:, 0], op[:, 1], op[:, 2], op[:, 3], op[:, 4] = first, copies[g], c[:, 0], c[:, 1], c[:, 2]
+            rows.append(op)
+        ops = np.concatenate(rows) if rows else np.zeros((0, 5), np.int64)
+        # bfd_histogram's order (placement order: longest first) keeps the assignment's tie-breaks
+        return ops[np.argsort(-ops[:, 2], kind="stable")], int(copies.sum())
+
+
+def plan_buckets(hists: np.ndarray, capacity: int, max_items: int | None = None) -> BucketPlan:
+    """One best-fit-decreasing plan over the sum of the buckets' length histograms (``hists[b, L]``:
+    samples of length L in bucket b), split so that each bucket forms as many of the plan's packs
+    as it can from its own samples. The pack count is the global BFD's whatever the number of
+    buckets; only the few packs no bucket can complete alone go to the repair shard.
+
+    Groups of identical packs are handed out in plan order (longest samples first); each group's
+    copies go to the buckets in proportion to how many each could form (largest remainders, then
+    bucket order, for the rest), so every bucket keeps a share of every length for later groups.
+    Work: one small numpy step per group (about twice the plan's ops), on histograms only."""
+    hists = np.array(hists, dtype=np.int64)
+    B = hists.shape[0]
+    ops, num_packs = bfd_histogram(hists.sum(axis=0), capacity, max_items)
+    # Packs whose op histories are identical form contiguous ranges: cut at every op's bounds.
+    bounds = np.unique(np.concatenate([[0, num_packs], ops[:, 0], ops[:, 0] + ops[:, 1]]))
+    seg_lo = np.searchsorted(bounds, ops[:, 0])
+    seg_hi = np.searchsorted(bounds, ops[:, 0] + ops[:, 1])
+    span = seg_hi - seg_lo
+    inc_op = np.repeat(np.arange(len(ops)), span)
+    inc_seg = seg_lo[inc_op] + (np.arange(len(inc_op)) - np.repeat(np.cumsum(span) - span, span))
+    inc = np.lexsort((ops[inc_op, 4], inc_seg))  # by group, then by place in the pack
+    inc_op, inc_seg = inc_op[inc], inc_seg[inc]
+    G = len(bounds) - 1
+    contents = np.stack([ops[inc_op, 2], ops[inc_op, 3], ops[inc_op, 4]], axis=1)
+    content_offsets = np.searchsorted(inc_seg, np.arange(G + 1))
+    copies = np.diff(bounds)
+    alloc = np.zeros((B, G), np.int64)
+    left = hists.copy()
+    for g in range(G):
+        c = contents[content_offsets[g]:content_offsets[g + 1]]
+        lens, per = c[:, 0], c[:, 1]
+        can = (left[:, lens] // per).min(axis=1)
+        m, total = int(copies[g]), int(can.sum())
+        if total <= m:
+            x = can
+        else:
+            share = can * m
+            x = share // total
+            rest = m - int(x.sum())
+            if rest:
+                frac = share - x * total
+                x[np.lexsort((np.arange(B), -frac))[:rest]] += 1
+        if x.any():
+            alloc[:, g] = x
+            left[:, lens] -= x[:, None] * per
+    return BucketPlan(contents, content_offsets, copies, alloc, left, num_packs)
 
 
 def _order_by_length_then_key(lengths: np.ndarray, key: np.ndarray, capacity: int) -> np.ndarray:

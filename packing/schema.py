@@ -4,7 +4,8 @@ One row per pack. Both sides import PACK_SCHEMA from here; docs/data-contracts.m
 field by field. Change it only together with both sides and the docs (and bump
 PACK_SCHEMA_VERSION, which the trainer checks in the shard metadata).
 
-* ``pack_id``      deterministic id: xxh3-64 hex of the bucket, seed and member sample ids.
+* ``pack_id``      deterministic id: xxh3-64 hex of the shard name (bucket-XXXXX or
+                   repair-XXXXX), seed and member sample ids.
 * ``num_tokens``   sum of ``sample_lens`` (<= max length; never padded in the shard).
 * ``sample_ids``   the samples in the pack, in order.
 * ``sample_lens``  each sample's exact token count (image tokens and vision markers included);

@@ -8,27 +8,39 @@ Reads (one format per input file, detected from its name and columns):
   ``{"id", "image": path | [paths] (optional), "conversations": [{"from", "value"}, ...]}``,
   images read from ``pack.image_folder`` (default: the file's folder); or Parquet with a
   ``conversations`` column (list of {from, value} structs, or JSON text) and images as bytes
-  (``image``/``images``: binary, Hugging Face {bytes, path} structs, or lists of them) or paths;
+  (``image``/``images``: binary, Hugging Face {bytes, path} structs, or lists of them) or paths,
+  or (an ``ovpipe merge`` output) ``image_ids`` resolved through the input's image store
+  ``INPUT/images/`` (``ImageStore``: only the partitions and row groups that hold the shard's ids
+  are read; an id the store lacks is a ``missing_image`` ledger row);
 * any Parquet with ``num_tokens`` (and ``sample_id``): lengths used as they are, nothing rendered.
 
-Writes (docs/data-contracts.md), as ``PackStage``, two passes of ovpipe.core.stage.run_stage:
+Writes (docs/data-contracts.md), as ``PackStage``, three passes of ovpipe.core.stage.run_stage:
 * ``OUT/_staged/`` (pass ``pack``, ``PackPrepPass``; also the ledger's stage name): per input shard
-  ``<shard>.parquet`` (the index: INDEX_COLUMNS), ``_payload/<shard>.parquet`` (the rendered
-  samples, STAGED_SCHEMA, one row group per bucket = sample_hash mod B), ``_ledger/<shard>.parquet``
-  (the samples dropped: overlong, bad images, bad conversations, ...) and ``_manifest/``;
-* ``OUT/bucket-XXXXX.parquet`` (pass ``pack_buckets``, ``PackBucketPass``): one row per pack,
-  PACK_SCHEMA (packing/schema.py), self-contained; ``OUT/_manifest/bucket-XXXXX.json`` its
-  commit record (with the bucket's counts and histograms); ``OUT/_manifest/_summary.json`` the
-  stage's summary;
+  ``data/<shard>.parquet`` (the index: INDEX_COLUMNS), ``_payload/<shard>.parquet`` (the rendered
+  samples, STAGED_SCHEMA, one row group per bucket = sample_hash mod B; B = pack.buckets, or from
+  the input size), ``_ledger/<shard>.parquet`` (the samples dropped: overlong, bad images, ...);
+* ``OUT/_lengths/`` (pass ``pack_lengths``): per bucket, its exact length histogram;
+* ``OUT/data/bucket-XXXXX.parquet`` and ``OUT/data/repair-XXXXX.parquet`` (pass ``pack_buckets``,
+  ``PackBucketPass``): one row per pack, PACK_SCHEMA (packing/schema.py), self-contained; the
+  folder holds nothing else, so any Parquet reader opens it as a dataset. ``OUT/_manifest/``
+  their commit records (with counts and histograms) and the stage's ``_summary.json``;
 * ``OUT/pack_stats.json`` (+ ``OUT/pack_stats.png`` with ``pack.plot``), the stage's report:
-  counts, lower bound, fill, histograms.
+  counts, lower bound (both terms), the global BFD's pack count, fill, per-source tokens, warnings.
+The intermediate payload (``_staged/_payload/``, ``_pool/``) is removed once the stage has
+committed, unless ``pack.keep_staged``.
 
 How it runs: pass 1 is one task per input shard (render, measure, fetch images, ledger overlong
-and bad samples, write rows grouped by bucket). Pass 2 is one task per bucket (a virtual shard
-whose stamp is a digest of the staged shards, so a bucket is redone when they change): read that
-bucket's row group of every staged payload (sorted by shard name), pack from the length histogram
-(packing/pack.py). run_stage commits, resumes and checks the accounting (inputs = packed +
-ledgered; every staged sample is read by pass 2).
+and bad samples, write rows grouped by bucket). Pass 2 is one task per bucket: the ``num_tokens``
+column of that bucket's row group of every staged payload -> a length histogram. Pass 3 plans
+once on the driver from those histograms (packing.pack.plan_buckets: ONE best-fit-decreasing
+plan over all samples, its packs handed to the buckets that can form them from their own
+samples), then runs one task per bucket (its packs; the samples its packs do not take go to
+``OUT/_pool/bucket-XXXXX.parquet``, one row group per repair shard) and, after every bucket,
+one task per repair shard (the plan's other packs, from its row group of every pool file). So
+the pack count is exactly one global BFD's, whatever B and the worker count. Virtual shards are
+stamped with a digest of the staged shards, so they are redone when those change. run_stage
+commits, resumes and checks the accounting (inputs = packed + ledgered; every staged sample is
+packed by exactly one bucket or repair shard).
 """
 
 from __future__ import annotations
@@ -36,10 +48,13 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import sys
 from collections import Counter
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -50,9 +65,12 @@ from ovpipe.core.hashing import text_hash
 from ovpipe.core.images import MAX_SOURCE_PIXELS, BadImage, fetch_image_bytes, probe_image
 from ovpipe.core.ledger import Ledger
 from ovpipe.core.shards import (
+    MANIFEST_DIR,
     PARQUET_WRITE_OPTIONS,
     Location,
     default_source,
+    read_manifest_entries,
+    read_table,
     write_bytes_atomic,
     write_json,
 )
@@ -67,14 +85,19 @@ from ovpipe.core.stage import (
     StageSummary,
 )
 from packing import tokenizer as ptok
-from packing.pack import lower_bound, pack_lengths
+from packing.pack import BucketPlan, PackResult, fill_plan, lower_bound, plan_buckets
 from packing.schema import PACK_SCHEMA, PACK_SCHEMA_VERSION
 
 if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
     from ovpipe.config import Config
 
 STAGED_DIR = "_staged"
+IMAGE_STORE_DIR = "images"  # an input's image store (`ovpipe merge` writes it; ImageStore)
 PAYLOAD_DIR = "_payload"
+REDONE_MARK = "#payload-redone-"  # in a staged shard's stamp: redone because its payload was removed
+LENGTHS_DIR = "_lengths"
+POOL_DIR = "_pool"
+LOW_FILL = 0.8  # pack_stats warns below this fill, saying what the user can change
 STATS_FILE = "pack_stats.json"
 PLOT_FILE = "pack_stats.png"
 HIST_BINS = 64  # length / fill histograms: max_len split into 64 equal bins
@@ -132,7 +155,7 @@ def _read_lengths(pf: pq.ParquetFile, uri: str, source: str) -> Iterator[dict]:
             row += 1
 
 
-def _lengths_table(pf: pq.ParquetFile, uri: str, source: str, cfg, ledger: Ledger) -> pa.Table | None:
+def _lengths_table(pf: pq.ParquetFile, uri: str, source: str, cfg, ledger: Ledger, buckets: int) -> pa.Table | None:
     """The lengths-only input (``sample_id`` + integer ``num_tokens``) as whole columns: the same
     checks, ledger rows and staged rows as ``_read_lengths`` + ``_sample``, without a Python step
     per row (only per dropped row, and one xxhash call per id without a ``sample_hash``).
@@ -182,7 +205,7 @@ def _lengths_table(pf: pq.ParquetFile, uri: str, source: str, cfg, ledger: Ledge
     none = pa.array(np.zeros(k + 1, np.int32))  # list offsets of k empty lists
     columns = {
         "sample_id": sid, "sample_hash": pa.array(hashes, pa.uint64()),
-        "bucket": pa.array((hashes % np.uint64(cfg.buckets)).astype(np.int32)),
+        "bucket": pa.array((hashes % np.uint64(buckets)).astype(np.int32)),
         "num_tokens": pa.array(np.asarray(t.column("num_tokens"), dtype=np.int64).astype(np.int32)),
         "image_tokens": pa.array(np.zeros(k, np.int32)), "truncated": pa.array(np.zeros(k, bool)),
         "source": sources, "conversation": pa.repeat(pa.scalar("", pa.string()), k),
@@ -307,18 +330,84 @@ def _parquet_images(value) -> list:
     return [v.get("bytes") or v.get("path") if isinstance(v, dict) else v for v in items]
 
 
+class ImageStore:
+    """Images stored once by content id: an ``ovpipe merge`` output's ``images/`` (docs/
+    data-contracts.md, "Merge output"): Parquet of ``image_id`` + ``bytes``, partition
+    int(image_id, 16) mod ``partitions``, rows sorted by id, found through its manifest."""
+
+    def __init__(self, root: Location):
+        entries = read_manifest_entries(root)
+        counts = {e.get("partitions") for e in entries.values()}
+        if len(counts) != 1 or None in counts:
+            raise ValueError(f"{root.uri()}: an image store's manifest entries must all name the same "
+                             f"'partitions' (found {sorted(map(str, counts))}); re-run `ovpipe merge`")
+        self.root, self.partitions = root, counts.pop()
+        self.files = {e["partition"]: root.join(e["output"]) for e in entries.values()}
+
+    @classmethod
+    def of(cls, input_root: Location) -> ImageStore | None:
+        """The store of a stage input (``INPUT/images/``), or None."""
+        loc = input_root.join(IMAGE_STORE_DIR)
+        return cls(loc) if loc.join(MANIFEST_DIR).is_dir() else None
+
+    def lookup(self, ids: list[str]) -> dict[str, bytes]:
+        """{id: bytes} of the ids the store holds: only their partitions are opened, and of those
+        only the row groups whose id range can hold one are read (pyarrow filter)."""
+        by_part: dict[int, set[str]] = {}
+        for i in set(ids):
+            try:
+                by_part.setdefault(int(i, 16) % self.partitions, set()).add(i)
+            except (TypeError, ValueError):  # not a content id: reported as missing
+                continue
+        found: dict[str, bytes] = {}
+        for p, want in sorted(by_part.items()):
+            loc = self.files.get(p)
+            if loc is not None:
+                t = pq.read_table(loc.path, filesystem=loc.fs, filters=[("image_id", "in", sorted(want))])
+                found.update(zip(t.column("image_id").to_pylist(), t.column("bytes").to_pylist()))
+        return found
+
+
+def _store_images(pf: pq.ParquetFile, task: ShardTask) -> tuple[ImageStore, dict[str, bytes]]:
+    """A shard whose rows name their images by ``image_ids`` (no bytes): the input's image store
+    and the images this shard names (one lookup per shard: its images are held anyway)."""
+    store = ImageStore.of(task.input_root)
+    if store is None:
+        raise ValueError(
+            f"{task.input.uri()}: the rows name their images by image_ids (no image/images column), but "
+            f"{task.input_root.join(IMAGE_STORE_DIR).uri()} is no image store. Pack the `ovpipe merge` output "
+            "folder itself (--input OUT, which holds data/ and images/), not a file or folder inside it.")
+    ids = pc.list_flatten(pf.read(columns=["image_ids"]).column("image_ids")).drop_null().to_pylist()
+    return store, store.lookup(ids)
+
+
 def _read_conversation_parquet(pf: pq.ParquetFile, task: ShardTask, cfg, source: str) -> Iterator[dict]:
     uri = task.input.uri()
     root = _image_root(task, cfg)
     names = pf.schema_arrow.names
     image_col = next((c for c in ("images", "image") if c in names), None)
+    store, by_id = None, {}
+    if image_col is None and "image_ids" in names:  # an `ovpipe merge` output: images stored once
+        store, by_id = _store_images(pf, task)
+        image_col = "image_ids"
     cols = [c for c in ("conversations", image_col, "source") if c]
     row = 0
     for batch in pf.iter_batches(columns=cols, batch_size=256):
         for rec in batch.to_pylist():
-            images = _parquet_images(rec.get(image_col)) if image_col else []
-            yield _conversation_record(rec, images, root, f"{uri}#row={row}", rec.get("source") or source)
+            locator, src = f"{uri}#row={row}", rec.get("source") or source
             row += 1
+            if store is None:
+                images = _parquet_images(rec.get(image_col)) if image_col else []
+            else:
+                ids = rec.get("image_ids") or []
+                missing = [i for i in ids if i not in by_id]
+                if missing:
+                    yield {"locator": locator, "sample_id": None, "sample_hash": 0, "source": src,
+                           "error": SampleError("missing_image", f"image {missing[0]!r} is not in the image "
+                                                f"store {store.root.uri()}")}
+                    continue
+                images = [by_id[i] for i in ids]
+            yield _conversation_record(rec, images, root, locator, src)
 
 
 # ------------------------------------------------------------------ pass 1
@@ -330,19 +419,47 @@ class PackPrepPass(Pass):
 
     name = "pack"  # also the ledger's stage
     config_sections = ("pack", "run")
-    schema_version = 1
+    schema_version = 2
     input_suffixes = (".parquet", ".jsonl", ".json")
     folder = STAGED_DIR
 
+    def __init__(self) -> None:
+        self.buckets = 1  # set by prepare (pack.buckets, or from the input size)
+
     def shard_files(self, shard: str) -> list[str]:
         return [f"{PAYLOAD_DIR}/{shard}.parquet"]
+
+    def list_shards(self, ctx: PassContext) -> list[Shard]:
+        """The input shards; but once a finished run removed the payload (pack.keep_staged = false),
+        a run whose input changed (a new, removed or rewritten shard: `ovpipe retry` upstream, more
+        data) redoes every staged shard whose payload is gone, since the buckets it then redoes read
+        all of them. A redone shard's stamp gets a mark, so an unchanged input later redoes nothing."""
+        shards = super().list_shards(ctx)
+        done = read_manifest_entries(ctx.output)
+        if not done:
+            return shards
+        base = lambda stamp: (stamp or "").split(REDONE_MARK)[0]  # noqa: E731
+        same = {s.name for s in shards
+                if s.name in done and base(done[s.name].get("input_stamp")) == (s.stamp or "")}
+        present = {posixpath.basename(f.path).removesuffix(".parquet")
+                   for f in ctx.output.join(PAYLOAD_DIR).list_files((".parquet",), recursive=False)}
+        gone = set(done) - present
+        changed = same != set(done) or same != {s.name for s in shards}
+        # a finished run with nothing new keeps its payload-less shards; otherwise (the input changed,
+        # or a redo was cut short) they are redone: a stamp unlike the committed one
+        redo = gone if gone and (changed or gone != set(done)) else set()
+        return [replace(s, stamp=f"{s.stamp or ''}{REDONE_MARK}{text_hash(str(done[s.name].get('input_stamp'))):x}")
+                if s.name in redo else replace(s, stamp=done[s.name].get("input_stamp")) if s.name in same else s
+                for s in shards]
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         """The tokenizer and chat template's identity: part of the config hash, so staged samples
         rendered by another tokenizer are refused, not mixed in."""
         p = ctx.cfg.pack
         tok = ptok.load_tokenizer(p.tokenizer)
-        return ptok.template_identity(tok, p.min_pixels, p.max_pixels, p.loss_on, p.system_prompt)
+        self.buckets = p.buckets or auto_buckets([s.input for s in shards], p.samples_per_bucket)
+        return {**ptok.template_identity(tok, p.min_pixels, p.max_pixels, p.loss_on, p.system_prompt),
+                "buckets": self.buckets}
 
     @staticmethod
     def _source(task: ShardTask) -> str:
@@ -375,7 +492,7 @@ class PackPrepPass(Pass):
         ledger = Ledger(self.name)
         records, kind = self._records(task)
         if kind == "lengths":
-            table = _lengths_table(records, task.input.uri(), self._source(task), cfg, ledger)
+            table = _lengths_table(records, task.input.uri(), self._source(task), cfg, ledger, self.buckets)
             if table is not None:
                 return self._stage_rows(task, table, table.num_rows + len(ledger), ledger)
             records = _read_lengths(records, task.input.uri(), self._source(task))
@@ -392,17 +509,18 @@ class PackPrepPass(Pass):
                 ledger.drop(rec["locator"], e.reason, e.detail, rec.get("sample_id"))
                 continue
             h = int(rec["sample_hash"])
-            sample.update(sample_id=rec["sample_id"], sample_hash=h, bucket=h % cfg.buckets, source=rec["source"])
+            sample.update(sample_id=rec["sample_id"], sample_hash=h, bucket=h % self.buckets, source=rec["source"])
             for k in rows:
                 rows[k].append(sample[k])
         return self._stage_rows(task, pa.Table.from_pydict(rows, schema=STAGED_SCHEMA), n_in, ledger)
 
-    @staticmethod
-    def _stage_rows(task: ShardTask, table: pa.Table, n_in: int, ledger: Ledger) -> ShardOutput:
+    def _stage_rows(self, task: ShardTask, table: pa.Table, n_in: int, ledger: Ledger) -> ShardOutput:
         # Group by bucket (stable: input order within a bucket), one row group per bucket.
-        table = table.take(np.argsort(np.asarray(table.column("bucket")), kind="stable"))
-        _write_payload(task.output_root.join(PAYLOAD_DIR, f"{task.shard}.parquet"), table)
-        return ShardOutput(table.select(INDEX_COLUMNS), ledger, n_in)
+        buckets = np.asarray(table.column("bucket"))
+        order = np.argsort(buckets, kind="stable")
+        table = table.take(order)
+        _write_payload(task.output_root.join(PAYLOAD_DIR, f"{task.shard}.parquet"), table, buckets[order])
+        return ShardOutput(table.select(INDEX_COLUMNS), ledger, n_in, stats={"buckets": self.buckets})
 
     @staticmethod
     def _sample(rec: dict, cfg, tok: ptok.Tokenizer) -> dict:
@@ -466,16 +584,31 @@ class PackPrepPass(Pass):
         }
 
 
-def _write_payload(dest: Location, table: pa.Table) -> None:
-    """One row group per bucket, so pass 2 reads only its bucket from every staged shard."""
-    buckets = np.asarray(table.column("bucket"))
-    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]]) if len(buckets) else np.zeros(0, int)
-    groups = {int(buckets[s]): i for i, s in enumerate(starts)}
-    schema = table.schema.with_metadata({b"ovpipe.bucket_row_groups": json.dumps(groups).encode()})
+def auto_buckets(inputs: list[Location], per_bucket: int) -> int:
+    """pack.buckets = 0: the smallest power of two giving at most ``per_bucket`` samples per bucket,
+    samples counted from the Parquet footers (a JSON/JSONL file: one per KiB). A power of two, so
+    that a few more inputs seldom change it (a change is a config change: --overwrite)."""
+    samples = 0
+    for loc in inputs:
+        if loc.path.endswith(".parquet"):
+            with loc.fs.open_input_file(loc.path) as f:
+                samples += pq.ParquetFile(f).metadata.num_rows
+        else:
+            samples += loc.fs.get_file_info(loc.path).size // 1024 + 1
+    return 1 << max(0, int(np.ceil(np.log2(max(samples, 1) / per_bucket))))
+
+
+def _write_payload(dest: Location, table: pa.Table, groups: np.ndarray) -> None:
+    """One row group per group (rows sorted by group): a bucket (staged payloads) or a repair
+    shard (pool files), so a task reads only its group of every file. An empty table is written
+    too (an empty group map), so that a missing file always means a removed payload."""
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if len(groups) else np.zeros(0, int)
+    row_groups = {int(groups[s]): i for i, s in enumerate(starts)}
+    schema = table.schema.with_metadata({b"ovpipe.bucket_row_groups": json.dumps(row_groups).encode()})
     sink = io.BytesIO()
     opts = {k: v for k, v in PARQUET_WRITE_OPTIONS.items() if k != "row_group_size"}
     with pq.ParquetWriter(sink, schema, **opts) as w:
-        bounds = list(starts) + [len(buckets)]
+        bounds = list(starts) + [len(groups)]
         for s, e in zip(bounds[:-1], bounds[1:]):
             w.write_table(table.slice(int(s), int(e - s)).replace_schema_metadata(schema.metadata),
                           row_group_size=max(int(e - s), 1))
@@ -485,17 +618,26 @@ def _write_payload(dest: Location, table: pa.Table) -> None:
 # ------------------------------------------------------------------ pass 2
 
 
-def _read_bucket(payloads: list[Location], bucket: int) -> pa.Table:
+def _read_group(payloads: list[Location], group: int, columns: list[str] | None = None) -> pa.Table:
+    """Row group ``group`` of every payload, in the given order (``columns``: only those)."""
     parts = []
     for loc in payloads:
-        with loc.fs.open_input_file(loc.path) as f:
+        try:
+            f = loc.fs.open_input_file(loc.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{loc.uri()}: the pack stage's intermediate payload is gone (removed after the last "
+                "successful run, pack.keep_staged = false), and this run must redo some buckets. Re-run "
+                "with --overwrite, or set pack.keep_staged = true for runs that add inputs later.") from None
+        with f:
             pf = pq.ParquetFile(f)
             groups = json.loads(pf.schema_arrow.metadata[b"ovpipe.bucket_row_groups"])
-            if str(bucket) in groups:
-                parts.append(pf.read_row_group(groups[str(bucket)]).replace_schema_metadata(None))
+            if str(group) in groups:
+                parts.append(pf.read_row_group(groups[str(group)], columns=columns).replace_schema_metadata(None))
+    schema = STAGED_SCHEMA if columns is None else pa.schema([STAGED_SCHEMA.field(c) for c in columns])
     if not parts:
-        return STAGED_SCHEMA.empty_table()
-    return pa.concat_tables(parts).cast(STAGED_SCHEMA)
+        return schema.empty_table()
+    return pa.concat_tables(parts).cast(schema)
 
 
 def _list_of(values: pa.Array, offsets: np.ndarray) -> pa.Array:
@@ -511,12 +653,12 @@ def _nested_offsets(col: pa.ChunkedArray, offsets: np.ndarray) -> tuple[pa.Array
     return arr.flatten(), inner[offsets]
 
 
-def build_packs(samples: pa.Table, order: np.ndarray, offsets: np.ndarray, bucket: int, seed: int) -> pa.Table:
+def build_packs(samples: pa.Table, order: np.ndarray, offsets: np.ndarray, shard: str, seed: int) -> pa.Table:
     """Pack rows (PACK_SCHEMA) from samples in pack order; packs sorted by pack_id."""
     t = samples.take(order)
     n_packs = len(offsets) - 1
     ids = t.column("sample_id").to_pylist()
-    pack_ids = [xxhash.xxh3_64_hexdigest((f"{bucket}:{seed}:" + "\n".join(ids[offsets[p]:offsets[p + 1]])).encode())
+    pack_ids = [xxhash.xxh3_64_hexdigest((f"{shard}:{seed}:" + "\n".join(ids[offsets[p]:offsets[p + 1]])).encode())
                 for p in range(n_packs)]
     lens = np.asarray(t.column("num_tokens"), dtype=np.int64)
     tokens = np.add.reduceat(lens, offsets[:-1]) if n_packs else np.zeros(0, np.int64)
@@ -545,6 +687,11 @@ def build_packs(samples: pa.Table, order: np.ndarray, offsets: np.ndarray, bucke
     return table.take(np.argsort(np.asarray(pack_ids, dtype=object), kind="stable"))
 
 
+def room_edges(max_len: int) -> list[int]:
+    """Bins of the tokens a pack leaves unused: 0, 1, 2-3, 4-7, ... (readable for any run size)."""
+    return [0] + [1 << k for k in range(int(max_len).bit_length() + 1)]
+
+
 def _hist(values: np.ndarray, max_len: int) -> list[int]:
     edges = np.linspace(0, max_len, HIST_BINS + 1)
     return np.histogram(values, bins=edges)[0].astype(int).tolist()
@@ -554,130 +701,360 @@ def bucket_name(bucket: int) -> str:
     return f"bucket-{bucket:05d}"
 
 
+def repair_name(k: int) -> str:
+    return f"repair-{k:05d}"
+
+
 def staged_digest(staged: dict[str, dict[str, Any]]) -> str:
-    """What pass 2 reads, as a digest of pass 1's committed entries (per staged shard: its kept
-    rows, config hash and input stamp): every bucket's stamp, so that a bucket is redone when a
-    staged shard is added, removed or redone."""
+    """What passes 2 and 3 read, as a digest of pass 1's committed entries (per staged shard: its
+    kept rows, config hash and input stamp): every bucket's stamp, so that a bucket is redone when
+    a staged shard is added, removed or redone."""
     return config_hash({"staged": {k: (e["kept_rows"], e["config_hash"], e.get("input_stamp"))
                                    for k, e in staged.items()}})
 
 
+def _staged_buckets(ctx: PassContext) -> int:
+    """The bucket count pass 1 chose (pack.buckets, or from the input size): in its entries."""
+    return max(e["buckets"] for e in ctx.done[PackPrepPass.name].entries.values())
+
+
+def _payloads(ctx: PassContext) -> list[Location]:
+    """Every staged payload, by shard name (the same order whatever the worker count)."""
+    staged = ctx.done[PackPrepPass.name]
+    return [staged.output.join(PAYLOAD_DIR, f"{s}.parquet") for s in sorted(staged.entries)]
+
+
+class PackLengthsPass(Pass):
+    """Pass 2: one virtual shard per bucket -> its exact length histogram (``OUT/_lengths/``), read
+    from the ``num_tokens`` column of its row group of every staged payload (no payload bytes)."""
+
+    name = "pack_lengths"
+    config_sections = ("pack",)
+    reads = PackPrepPass.name
+    folder = LENGTHS_DIR
+    counts_samples = False  # its rows are lengths; pass 3 reads the samples of pass 1
+
+    def __init__(self) -> None:
+        self.payloads: list[Location] = []
+
+    def list_shards(self, ctx: PassContext) -> list[Shard]:
+        stamp = staged_digest(ctx.done[self.reads].entries)
+        return [Shard(bucket_name(b), None, stamp, b) for b in range(_staged_buckets(ctx))]
+
+    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
+        self.payloads = _payloads(ctx)
+        return {}
+
+    def process(self, task: ShardTask) -> ShardOutput:
+        lens = np.asarray(_read_group(self.payloads, task.index, ["num_tokens"]).column("num_tokens"), np.int64)
+        counts = np.bincount(lens, minlength=1)
+        at = np.flatnonzero(counts)
+        table = pa.table({"num_tokens": pa.array(at.astype(np.int32)), "samples": pa.array(counts[at])})
+        return ShardOutput(table, Ledger(self.name), input_rows=len(lens), kept_samples=len(lens))
+
+
+def read_histograms(ctx: PassContext, buckets: int, max_len: int) -> np.ndarray:
+    """int64[B, max_len + 1]: samples of each length in each bucket, from pass 2's shards."""
+    lengths = ctx.done[PackLengthsPass.name]
+    hists = np.zeros((buckets, max_len + 1), np.int64)
+    for b in range(buckets):
+        t = read_table(lengths.output.join(lengths.entries[bucket_name(b)]["output"]))
+        hists[b, np.asarray(t.column("num_tokens"), np.int64)] = np.asarray(t.column("samples"))
+    return hists
+
+
+def split_repair(plan: BucketPlan, shards: int) -> np.ndarray:
+    """int64[shards, G]: the repair packs (plan order) cut into ``shards`` runs of about equal
+    samples; row k is how many packs of each group repair shard k forms."""
+    copies = plan.repair_copies
+    per_pack = np.add.reduceat(plan.contents[:, 1], plan.content_offsets[:-1]) if len(copies) else copies
+    out = np.zeros((shards, len(copies)), np.int64)
+    target = max(1, -(-int((copies * per_pack).sum()) // shards))
+    k, filled = 0, 0
+    for g in np.flatnonzero(copies).tolist():
+        left = int(copies[g])
+        while left:
+            take = left if k == shards - 1 else min(left, max(1, -(-(target - filled) // int(per_pack[g]))))
+            out[k, g] += take
+            left -= take
+            filled += take * int(per_pack[g])
+            if filled >= target and k < shards - 1:
+                k, filled = k + 1, 0
+    return out
+
+
 class PackBucketPass(Pass):
-    """Pass 2: one virtual shard per bucket -> that bucket's packs (``OUT/bucket-XXXXX.parquet``)."""
+    """Pass 3: the packs of one global best-fit-decreasing plan, formed in parallel.
+
+    Its shards: one per bucket (``bucket-XXXXX``: the plan's packs that bucket can form from its own
+    samples; the rest of its samples go to ``OUT/_pool/bucket-XXXXX.parquet``, one row group per
+    repair shard) and then the repair shards (``repair-XXXXX``: the plan's other packs, from their
+    row group of every pool file). All land in ``OUT/data/``. The plan is computed once, on the
+    driver, from pass 2's histograms (packing.pack.plan_buckets), so the pack count is exactly
+    the global BFD's whatever the bucket or worker count."""
 
     name = "pack_buckets"
     config_sections = ("pack", "run")  # pack.plot and run's execution fields are NOT_HASHED
     schema_version = PACK_SCHEMA_VERSION
-    reads = PackPrepPass.name
+    reads = PackPrepPass.name  # its samples are pass 1's (the accounting chain); the plan is pass 2's
     folder = ""
 
     def __init__(self) -> None:
-        self.payloads: list[Location] = []  # set by prepare: every staged payload, by shard name
+        self.payloads: list[Location] = []  # set by list_shards: every staged payload, by shard name
+        self.plan: BucketPlan | None = None
+        self.repair: np.ndarray = np.zeros((0, 0), np.int64)  # [R, G]: packs per group per repair shard
+        self.pool_before: np.ndarray = np.zeros((0, 0), np.int64)  # [B, L]: pooled samples of earlier buckets
+        self.repair_slots_before: np.ndarray = np.zeros((0, 0), np.int64)  # [R+1, L]: slots of earlier repairs
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
+        p = ctx.cfg.pack
+        buckets = _staged_buckets(ctx)
+        self.payloads = _payloads(ctx)
+        hists = read_histograms(ctx, buckets, p.max_len)
+        self.plan = plan_buckets(hists, p.max_len, p.max_samples_per_pack or None)
+        pooled = self.plan.pool  # [B, L]: each bucket's samples the plan leaves to the repair shards
+        # As many repair shards as buckets (some may be empty): a fixed list of shard names, so a
+        # re-run on more input redoes them rather than finding shards it no longer lists.
+        n_repair = buckets
+        self.repair = split_repair(self.plan, n_repair)
+        self.pool_before = np.cumsum(pooled, axis=0) - pooled
+        slots = np.zeros((n_repair + 1, p.max_len + 1), np.int64)
+        for k in range(n_repair):
+            ops, _ = self.plan.ops(self.repair[k])
+            slots[k + 1] = slots[k] + np.bincount(ops[:, 2], weights=ops[:, 1] * ops[:, 3],
+                                                  minlength=p.max_len + 1).astype(np.int64)
+        self.repair_slots_before = slots
         stamp = staged_digest(ctx.done[self.reads].entries)
-        return [Shard(bucket_name(b), None, stamp, b) for b in range(ctx.cfg.pack.buckets)]
+        return ([Shard(bucket_name(b), None, stamp, b) for b in range(buckets)]
+                + [Shard(repair_name(k), None, stamp, buckets + k) for k in range(n_repair)])
 
-    def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
-        self.payloads = [ctx.input.join(PAYLOAD_DIR, f"{s}.parquet") for s in sorted(ctx.done[self.reads].entries)]
-        return {}
+    def shard_files(self, shard: str) -> list[str]:
+        return [f"{POOL_DIR}/{shard}.parquet"] if shard.startswith("bucket-") else []
+
+    def execute(self, pending: list[ShardTask], ctx: PassContext, progress) -> dict[str, str]:
+        """The buckets first (they write the pool files), then the repair shards that read them."""
+        buckets = [t for t in pending if t.shard.startswith("bucket-")]
+        failed = super().execute(buckets, ctx, progress) if buckets else {}
+        repairs = [t for t in pending if not t.shard.startswith("bucket-")]
+        if repairs and not failed:
+            failed = super().execute(repairs, ctx, progress)
+        return failed
 
     def process(self, task: ShardTask) -> ShardOutput:
-        cfg, bucket = task.config, task.index
+        cfg = task.config
+        buckets = self.plan.alloc.shape[0]
+        if task.index < buckets:
+            samples = _read_group(self.payloads, task.index)
+            copies = self.plan.alloc[task.index]
+        else:
+            k = task.index - buckets
+            pools = [task.output_root.join(POOL_DIR, f"{bucket_name(b)}.parquet") for b in range(buckets)]
+            samples = _read_group(pools, k)
+            copies = self.repair[k]
+        res, pool = self._pack(samples, copies, cfg)
+        if task.index < buckets:
+            self._write_pool(task, samples, pool, cfg.pack.max_len)
+        elif len(pool):
+            raise AssertionError(f"{task.shard}: {len(pool)} pooled samples have no slot (a bug)")
+        table = build_packs(samples, res.order, res.offsets, task.shard, cfg.run.seed)
+        packed = samples.take(res.order)
+        stats = self._stats(task, packed, res, len(pool), cfg.pack.max_len)
+        # Every sample read is in exactly one pack or (buckets) passed on to a repair shard, which
+        # counts it as its input: the table's rows are packs, not samples.
+        return ShardOutput(table, Ledger(self.name), input_rows=len(res.order), kept_samples=len(res.order),
+                           stats=stats, row_group_size=cfg.pack.packs_per_row_group)
+
+    def _pack(self, samples: pa.Table, copies: np.ndarray, cfg) -> tuple[PackResult, np.ndarray]:
         p = cfg.pack
-        samples = _read_bucket(self.payloads, bucket)
         lens = np.asarray(samples.column("num_tokens"), dtype=np.int64)
         img = np.asarray(samples.column("image_tokens"), dtype=np.int64)
-        res = pack_lengths(lens, p.max_len, max_items=p.max_samples_per_pack or None,
-                           sample_hash=np.asarray(samples.column("sample_hash")), seed=cfg.run.seed,
-                           image_tokens=img if p.spread_images and img.any() else None)
-        table = build_packs(samples, res.order, res.offsets, bucket, cfg.run.seed)
+        ops, n_packs = self.plan.ops(copies)
+        return fill_plan(lens, ops, n_packs, p.max_len, sample_hash=np.asarray(samples.column("sample_hash")),
+                         seed=cfg.run.seed, image_tokens=img if p.spread_images and img.any() else None)
+
+    def _write_pool(self, task: ShardTask, samples: pa.Table, pool: np.ndarray, max_len: int) -> None:
+        """The bucket's samples no pack of its own takes, to the repair shards: of each length L,
+        pooled samples are numbered across buckets (bucket order, then the fill order), and repair
+        shard k takes the numbers its slots of length L cover."""
+        lens = np.asarray(samples.column("num_tokens"), dtype=np.int64)[pool]
+        # ``pool`` is in (length, key) order: a sample's number within its length in this bucket
+        run_start = np.flatnonzero(np.r_[True, lens[1:] != lens[:-1]]) if len(lens) else np.zeros(0, np.int64)
+        rank = np.arange(len(lens)) - np.repeat(run_start, np.diff(np.r_[run_start, len(lens)]))
+        number = self.pool_before[task.index, lens] + rank
+        dest = np.zeros(len(lens), np.int64)
+        for k in range(1, len(self.repair)):
+            dest += number >= self.repair_slots_before[k, lens]
+        by_dest = np.argsort(dest, kind="stable")
+        _write_payload(task.output_root.join(POOL_DIR, f"{task.shard}.parquet"), samples.take(pool[by_dest]),
+                       dest[by_dest])
+
+    def _stats(self, task: ShardTask, packed: pa.Table, res: PackResult, pooled: int, max_len: int) -> dict:
+        lens = np.asarray(packed.column("num_tokens"), dtype=np.int64)
         per_pack = np.diff(res.offsets)
-        stats = {
-            "bucket": bucket, "samples": len(samples), "packs": table.num_rows, "tokens": int(lens.sum()),
-            "truncated": int(np.asarray(samples.column("truncated")).sum()),
+        by_source = (pl.DataFrame({"source": packed.column("source").to_pylist(), "tokens": lens})
+                     .group_by("source").agg(pl.col("tokens").sum()).sort("source"))
+        return {
+            "bucket": task.index if task.index < self.plan.alloc.shape[0] else None,
+            "samples": len(lens), "packs": len(per_pack), "tokens": int(lens.sum()), "pooled": pooled,
+            "over_half": int((2 * lens > max_len).sum()),
+            "global_bfd_packs": self.plan.num_packs,
+            "truncated": int(np.asarray(packed.column("truncated")).sum()),
             "max_pack_tokens": int(res.pack_tokens.max()) if len(per_pack) else 0,
             "max_samples_in_pack": int(per_pack.max()) if len(per_pack) else 0,
             "samples_per_pack": {str(k): int(v) for k, v in sorted(Counter(per_pack.tolist()).items())},
-            "length_hist": _hist(lens, p.max_len), "pack_tokens_hist": _hist(res.pack_tokens, p.max_len),
+            "source_tokens": dict(zip(by_source["source"].to_list(), by_source["tokens"].to_list())),
+            "length_hist": _hist(lens, max_len), "pack_tokens_hist": _hist(res.pack_tokens, max_len),
+            "pack_room_hist": np.histogram(max_len - res.pack_tokens, bins=room_edges(max_len))[0].tolist(),
         }
-        # Every sample of the bucket is in exactly one pack: the table's rows are packs, not samples.
-        # Row groups of pack.packs_per_row_group packs: the trainer reads a row group at a time.
-        return ShardOutput(table, Ledger(self.name), input_rows=len(samples), kept_samples=len(samples),
-                           stats=stats, row_group_size=p.packs_per_row_group)
 
 
 # ------------------------------------------------------------------ the stage
 
 
 class PackStage(Stage):
-    """`ovpipe pack`: pass 1 into OUT/_staged, pass 2 per bucket into OUT, then pack_stats."""
+    """`ovpipe pack`: pass 1 into OUT/_staged, pass 2 into OUT/_lengths, pass 3 (buckets, then
+    repair shards) into OUT/data, then pack_stats; the intermediate payload is removed after."""
 
     name = "pack"
 
     def passes(self) -> list[Pass]:
-        return [PackPrepPass(), PackBucketPass()]
+        return [PackPrepPass(), PackLengthsPass(), PackBucketPass()]
 
     def report(self, out: Location, cfg: Config, summary: StageSummary, results: dict[str, PassResult]) -> list[str]:
         stats = pack_stats(results[PackBucketPass.name].entries, results[PackPrepPass.name].summary, cfg)
         dest = out.join(STATS_FILE)
         write_json(dest, stats)
+        for w in stats["warnings"]:
+            print(f"pack: warning: {w}", file=sys.stderr, flush=True)
         written = [dest.uri()]
         if cfg.pack.plot:
             png = out.join(PLOT_FILE)
             plot_stats(stats, png)
             written.append(png.uri())
+        if not cfg.pack.keep_staged:  # every pack is committed: the second copy of their bytes goes
+            out.join(STAGED_DIR, PAYLOAD_DIR).delete_tree()
+            out.join(POOL_DIR).delete_tree()
         return written
 
 
 def pack_stats(entries: dict[str, dict], first: StageSummary, cfg: Config) -> dict[str, Any]:
-    """Totals over the buckets' manifest entries (``first``: pass 1's summary, for the ledger):
-    the figures pack_stats.json reports."""
-    max_len = cfg.pack.max_len
+    """Totals over the pass-3 manifest entries (``first``: pass 1's summary, for the ledger): the
+    figures pack_stats.json reports."""
+    p = cfg.pack
+    max_len = p.max_len
     samples = sum(e["samples"] for e in entries.values())
     packs = sum(e["packs"] for e in entries.values())
     tokens = sum(e["tokens"] for e in entries.values())
     spp: Counter = Counter()
+    sources: Counter = Counter()
     for e in entries.values():
         spp.update({int(k): v for k, v in e["samples_per_pack"].items()})
+        sources.update(e["source_tokens"])
+    terms = {"tokens": lower_bound(tokens, max_len), "over_half": sum(e["over_half"] for e in entries.values())}
+    if p.max_samples_per_pack:
+        terms["max_samples"] = -(-samples // p.max_samples_per_pack)
+    repairs = [e for e in entries.values() if e["bucket"] is None]
     reasons = first.dropped_by_reason
-    return {
+    stats = {
         "samples": samples, "packs": packs, "tokens": tokens, "max_len": max_len,
-        "buckets": cfg.pack.buckets,
-        "lower_bound": lower_bound(tokens, max_len),
-        "lower_bound_per_bucket_sum": sum(lower_bound(e["tokens"], max_len) for e in entries.values()),
+        "buckets": len(entries) - len(repairs),
+        "lower_bound": max(terms.values()), "lower_bound_terms": terms,
+        "global_bfd_packs": max((e["global_bfd_packs"] for e in entries.values()), default=0),
+        "repair": {"shards": len(repairs), "samples": sum(e["samples"] for e in repairs),
+                   "packs": sum(e["packs"] for e in repairs)},
         "fill": round(tokens / (packs * max_len), 6) if packs else 0.0,
         "compression": round(samples / packs, 4) if packs else 0.0,
         "mean_sample_tokens": round(tokens / samples, 2) if samples else 0.0,
         "max_pack_tokens": max((e["max_pack_tokens"] for e in entries.values()), default=0),
         "max_samples_in_pack": max((e["max_samples_in_pack"] for e in entries.values()), default=0),
         "samples_per_pack_hist": {str(k): spp[k] for k in sorted(spp)},
+        "source_tokens": {k: sources[k] for k in sorted(sources)},
         "overlong": {"dropped": int(reasons.get("overlong", 0)),
-                     "truncated": sum(e["truncated"] for e in entries.values()), "policy": cfg.pack.overlong},
+                     "truncated": sum(e["truncated"] for e in entries.values()), "policy": p.overlong},
         "input_samples": first.input_rows, "ledgered": first.dropped_rows, "ledgered_by_reason": reasons,
         "length_hist": [sum(h) for h in zip(*(e["length_hist"] for e in entries.values()))] if entries else [],
         "pack_tokens_hist": [sum(h) for h in zip(*(e["pack_tokens_hist"] for e in entries.values()))] if entries else [],
         "hist_bin_width": max_len / HIST_BINS,
+        "pack_room_hist": [sum(h) for h in zip(*(e["pack_room_hist"] for e in entries.values()))] if entries else [],
+        "pack_room_edges": room_edges(max_len),
     }
+    stats["warnings"] = fill_warnings(stats, cfg)
+    return stats
+
+
+def fill_warnings(stats: dict[str, Any], cfg: Config) -> list[str]:
+    """Why the fill is low, when the user can change it (a tiny run's last pack is not)."""
+    p, fill, out = cfg.pack, stats["fill"], []
+    if fill >= LOW_FILL or stats["packs"] <= 1:
+        return out
+    limit = p.max_samples_per_pack
+    at_limit = stats["samples_per_pack_hist"].get(str(limit), 0) if limit else 0
+    if limit and at_limit >= stats["packs"] / 2:
+        out.append(f"fill {fill:.3f}: {at_limit:,} of {stats['packs']:,} packs hold pack.max_samples_per_pack = "
+                   f"{limit} samples with room left; raise it (0 = no limit) to fill packs")
+    terms = stats["lower_bound_terms"]
+    if terms["over_half"] > terms["tokens"]:
+        out.append(f"fill {fill:.3f}: {terms['over_half']:,} samples are longer than max_len / 2 = "
+                   f"{p.max_len // 2} and each needs a pack of its own; a larger pack.max_len (or "
+                   "pack.overlong = truncate with a smaller one) packs tighter")
+    if stats["tokens"] < p.max_len * LOW_FILL * 4:
+        out.append(f"fill {fill:.3f}: the whole input is {stats['tokens']:,} tokens, a few packs of "
+                   f"pack.max_len = {p.max_len}; a smaller max_len fits such a small run")
+    return out
 
 
 def plot_stats(stats: dict[str, Any], dest: Location) -> None:
+    """Three panels (sample lengths; tokens left unused per pack, in bins 0, 1, 2-3, 4-7, ...;
+    samples per pack), x ranges cut to the data, integer count axes, and the pack count against
+    its lower bound and the global BFD in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     width = stats["hist_bin_width"]
     x = np.arange(HIST_BINS) * width
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].bar(x, stats["length_hist"] or [0] * HIST_BINS, width=width, align="edge")
-    axes[0].set(title=f"sample lengths ({stats['samples']:,} samples)", xlabel="tokens", ylabel="samples")
-    axes[1].bar(x, stats["pack_tokens_hist"] or [0] * HIST_BINS, width=width, align="edge", color="tab:green")
-    axes[1].set(title=f"pack fill: {stats['fill']:.4f}, {stats['packs']:,} packs (bound {stats['lower_bound']:,})",
-                xlabel="tokens in pack", ylabel="packs")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    lengths = np.asarray(stats["length_hist"] or [0] * HIST_BINS)
+    axes[0].bar(x, lengths, width=width, align="edge")
+    axes[0].set(title=f"sample lengths ({stats['samples']:,} samples, mean {stats['mean_sample_tokens']:,})",
+                xlabel="tokens", ylabel="samples")
+    axes[0].axvline(stats["max_len"] / 2, color="grey", ls=":",
+                    label=f"max_len / 2 ({stats['lower_bound_terms']['over_half']:,} samples longer)")
+    axes[0].legend(loc="upper right", fontsize=8)
+    terms = stats["lower_bound_terms"]
+    room = np.asarray(stats["pack_room_hist"])
+    edges = stats["pack_room_edges"]
+    labels = [str(lo) if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])]
+    used = np.flatnonzero(room)
+    keep = slice(0, int(used[-1]) + 1 if len(used) else 1)
+    axes[1].bar(np.arange(len(room))[keep], room[keep], color="tab:green",
+                label=f"{stats['packs']:,} packs, fill {stats['fill']:.4f}")
+    axes[1].set_xticks(np.arange(len(room))[keep], labels[keep], rotation=45, ha="right", fontsize=8)
+    axes[1].plot([], [], " ", label=f"global BFD: {stats['global_bfd_packs']:,} packs")
+    axes[1].plot([], [], " ", label=f"lower bound {stats['lower_bound']:,} = max(⌈Σlen / max_len⌉ = "
+                 f"{terms['tokens']:,},")
+    axes[1].plot([], [], " ", label=f"    samples > max_len / 2 = {terms['over_half']:,}"
+                 + (f", ⌈samples / max per pack⌉ = {terms['max_samples']:,})" if "max_samples" in terms else ")"))
+    axes[1].set(title=f"tokens left unused per pack (max_len {stats['max_len']:,})", xlabel="unused tokens",
+                ylabel="packs")
+    axes[1].set_ylim(0, max(int(room.max()) if len(room) else 1, 1) * 1.6)  # room for the legend
+    axes[1].legend(loc="upper right", fontsize=8)
+    used = np.flatnonzero(lengths)
+    lo = x[used[0]] if len(used) else 0.0
+    hi = x[used[-1]] + width if len(used) else stats["max_len"]
+    axes[0].set_xlim(max(0.0, lo - width), min(stats["max_len"], hi + width))
     spp = stats["samples_per_pack_hist"]
-    axes[2].bar([int(k) for k in spp], list(spp.values()), color="tab:orange")
-    axes[2].set(title=f"samples per pack (mean {stats['compression']:.2f})", xlabel="samples", ylabel="packs")
+    axes[2].bar([int(k) for k in spp], list(spp.values()), color="tab:orange", width=0.8)
+    axes[2].set(title=f"samples per pack (mean {stats['compression']:.2f})", xlabel="samples in pack", ylabel="packs")
+    if spp:
+        axes[2].set_xlim(min(int(k) for k in spp) - 0.6, max(int(k) for k in spp) + 0.6)
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if stats["warnings"]:
+        fig.suptitle("warning: " + stats["warnings"][0][:150], fontsize=9, color="tab:red")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

@@ -13,6 +13,7 @@ accepted). One phase per job, into RUN_DIR itself (trainer/launch.py is the torc
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         run_config=RunConfig(name="ovpipe-train", storage_path=os.path.abspath(os.path.join(args.output, "_ray"))),
     )
     trainer.fit()
-    print(open(os.path.join(args.output, "summary.json")).read())
+    from trainer.metrics import summary_text  # the numbers are in RUN_DIR/summary.json
+
+    with open(os.path.join(args.output, "summary.json")) as f:
+        print(summary_text(json.load(f), args.output))
     return 0
 
 

@@ -152,10 +152,8 @@ def bench_topk(torch, args, device):
         c16 = concepts.to(device)
         run("torch fp16 (cuda)", lambda q: torch.topk(q.to(device) @ c16.T, k, dim=1).indices, 0.0)
         del c16
-    del c32
     try:
         import faiss
-        import numpy as np
     except ImportError:
         faiss = None
         rows.append({"backend": "faiss", "queries_per_s": None, "note": "faiss not installed"})

@@ -108,7 +108,7 @@ def test_assign_on_ray_cache_hit_and_identical_across_executors(embedded, tmp_pa
 def test_bad_embeddings_are_ledgered_and_resume_skips_done_shards(embedded, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    for p in sorted(embedded.glob("*.parquet"))[:2]:
+    for p in sorted((embedded / "data").glob("*.parquet"))[:2]:
         shutil.copy(p, src / p.name)
     t = pq.read_table(sorted(src.glob("*.parquet"))[0]).slice(0, 3)
     emb = np.asarray(t["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(-1, 64).copy()

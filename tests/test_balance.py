@@ -63,7 +63,7 @@ def balance(inp, out, *overrides, **kw):
 
 
 def kept(out: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
+    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "data").glob("*.parquet"))])
 
 
 def ledger(out: Path) -> pa.Table:
@@ -166,7 +166,7 @@ def test_demo_images_contact_sheet_and_ray_job(ray_address, demo_ingested, tmp_p
     """make-demo-data + ingest + synthetic concept columns -> balance as `python -m ray_jobs.balance`."""
     assign = tmp_path / "assign"
     assign.mkdir()
-    for p in sorted(demo_ingested.glob("*.parquet")):
+    for p in sorted((demo_ingested / "data").glob("*.parquet")):
         t = pq.read_table(p)
         rng = np.random.default_rng(int(t["sample_hash"][0].as_py()) % 2**32)
         ids = [rng.choice(30, size=3, replace=False, p=np.arange(30, 0, -1) / 465).tolist() for _ in range(t.num_rows)]
@@ -372,17 +372,17 @@ def test_rerun_after_a_crash_resumes_the_counts_pass(zipf_table, tmp_path, monke
     assert counted == ["shard-001"]
     summary = json.loads((counts / "_manifest" / "_summary.json").read_text())
     assert (summary["shards"], summary["shards_skipped"]) == (3, 2)
-    assert committed_shards(out / "_manifest") == set() and not list(out.glob("*.parquet"))
-    written = {p.name: p.stat().st_mtime_ns for p in counts.glob("*.parquet")}
+    assert committed_shards(out / "_manifest") == set() and not list((out / "data").glob("*.parquet"))
+    written = {p.name: p.stat().st_mtime_ns for p in (counts / "data").glob("*.parquet")}
     # third run: every count is committed and reused, the selection completes
     _, final = balance(inp, out, *args)
     summary = json.loads((counts / "_manifest" / "_summary.json").read_text())
     assert (summary["shards"], summary["shards_skipped"], summary["input_rows"]) == (3, 3, 1200)
-    assert {p.name: p.stat().st_mtime_ns for p in counts.glob("*.parquet")} == written
+    assert {p.name: p.stat().st_mtime_ns for p in (counts / "data").glob("*.parquet")} == written
     assert (final.input_rows, final.kept_rows) == (1200, 360)  # counts rows are not samples
     assert committed_shards(out / "_manifest") == committed_shards(counts / "_manifest")
     # the counts: one row per concept of the shard, summing to every concept occurrence
-    table = pa.concat_tables([pq.read_table(p) for p in sorted(counts.glob("*.parquet"))])
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((counts / "data").glob("*.parquet"))])
     assert table.schema.names == ["concept_id", "count"] and sum(table["count"].to_pylist()) == 1200 * 5
     entry = json.loads((counts / "_manifest" / "shard-000.json").read_text())
     assert entry["usable_rows"] == 400 and entry["unusable_by_reason"] == {} and sum(entry["sources"].values()) == 400

@@ -45,7 +45,7 @@ def caption(inp, out, overrides, **kw):
 
 
 def kept(out: Path) -> pa.Table:
-    entries = sorted(out.glob("*.parquet"))
+    entries = sorted((out / "data").glob("*.parquet"))
     return pa.concat_tables([pq.read_table(p) for p in entries])
 
 
@@ -54,8 +54,13 @@ def data_files(out: Path) -> dict[str, bytes]:
             if "_manifest" not in p.parts}
 
 
+def stage_data(folder: Path) -> Path:
+    """A stage output's data/ folder, or a plain folder of shards as it is."""
+    return folder / "data" if (folder / "_manifest").is_dir() else folder
+
+
 def input_ids(inp: Path) -> list[str]:
-    return pa.concat_tables([pq.read_table(p) for p in sorted(inp.glob("*.parquet"))])["sample_id"].to_pylist()
+    return pa.concat_tables([pq.read_table(p) for p in sorted(stage_data(inp).glob("*.parquet"))])["sample_id"].to_pylist()
 
 
 def pass1_summary(out: Path) -> dict:
@@ -175,7 +180,7 @@ def test_each_rejection_kind_is_caught_and_ledgered(ingested, tmp_path):
 
 
 def test_unavailable_images_and_failed_requests_are_ledgered(ray_address, ingested, tmp_path):
-    table = pq.read_table(sorted(ingested.glob("*.parquet"))[0])
+    table = pq.read_table(sorted((ingested / "data").glob("*.parquet"))[0])
     uris = table["image_uri"].to_pylist()
     uris[0] = str(tmp_path / "missing.parquet")
     (tmp_path / "junk.bin").write_bytes(b"not an image at all")
@@ -196,7 +201,7 @@ def test_unavailable_images_and_failed_requests_are_ledgered(ray_address, ingest
 
 def test_client_errors_are_not_retried_and_the_api_key_comes_from_the_environment(ingested, tmp_path, monkeypatch):
     monkeypatch.setenv("OVPIPE_TEST_KEY", "sk-test-123")
-    one_shard = sorted(ingested.glob("*.parquet"))[0]
+    one_shard = sorted((ingested / "data").glob("*.parquet"))[0]
     n = pq.read_metadata(one_shard).num_rows
     with ChatServer(error_rate=1.0, error_statuses=(400,)) as server:
         summary = caption(one_shard, tmp_path / "o", openai_overrides(
@@ -249,7 +254,7 @@ def test_sigkill_mid_stage_then_resume_recaptions_nothing_finished(ray_address, 
         server.reset_stats()
         resumed = caption(ingested, out, overrides)
         asked = set(server.stats.per_sample)
-    finished = {s for name in committed for s in pq.read_table(ingested / f"{name}.parquet")["sample_id"].to_pylist()}
+    finished = {s for name in committed for s in pq.read_table(ingested / "data" / f"{name}.parquet")["sample_id"].to_pylist()}
     assert pass1_summary(out)["shards_skipped"] == len(committed)
     assert asked and not asked & finished  # finished samples were not captioned again
     assert len(asked) == resumed.input_rows - len(finished)
@@ -262,11 +267,11 @@ def test_dedup_setting_change_is_refused_then_overwrite_keeps_the_captions(inges
     with ChatServer() as server:
         caption(ingested, out, openai_overrides(server))
         # the dedup pass writes its loser lists under its own output, never into pass 1's folder
-        shards = sorted(p.stem for p in ingested.glob("*.parquet"))
+        shards = sorted(p.stem for p in (ingested / "data").glob("*.parquet"))
         assert sorted(p.stem for p in (out / "_dedup").glob("*.parquet")) == shards
         assert not (out / "_captions" / "_dedup").exists()
         captions = pass1_entries(out)
-        stamps = {p.name: p.stat().st_mtime_ns for p in (out / "_captions").glob("*.parquet")}
+        stamps = {p.name: p.stat().st_mtime_ns for p in (out / "_captions" / "data").glob("*.parquet")}
         dedup_bytes = {p.name: p.read_bytes() for p in (out / "_dedup").glob("*.parquet")}
         with pytest.raises(OutputConflict):
             caption(ingested, out, openai_overrides(server, "caption.near_dup_threshold=0.5"))
@@ -280,7 +285,7 @@ def test_dedup_setting_change_is_refused_then_overwrite_keeps_the_captions(inges
         assert first["shards_skipped"] == first["shards"] and summary.shards == 2 * first["shards"]  # both passes
         # pass 1's committed captions are untouched: same manifest entries, same files
         assert pass1_entries(out) == captions
-        assert {p.name: p.stat().st_mtime_ns for p in (out / "_captions").glob("*.parquet")} == stamps
+        assert {p.name: p.stat().st_mtime_ns for p in (out / "_captions" / "data").glob("*.parquet")} == stamps
         assert sorted(p.stem for p in (out / "_dedup").glob("*.parquet")) == shards
         assert summary.input_rows == summary.kept_rows + summary.dropped_rows == len(input_ids(ingested))
         caption(ingested, out, openai_overrides(server, "caption.prompt_version='v2'"), overwrite=True)
@@ -295,7 +300,7 @@ def with_concepts(ingested: Path, out: Path, one_shard: bool = False) -> Path:
     """Assign-like shards: each sample gets 3 of 5 concepts from its hash (many repeats)."""
     out.mkdir()
     tables = []
-    for p in sorted(ingested.glob("*.parquet")):
+    for p in sorted((ingested / "data").glob("*.parquet")):
         t = pq.read_table(p)
         ids = [[h % 5, (h // 5) % 5, (h // 25) % 5] for h in t["sample_hash"].to_pylist()]
         t = t.append_column("concept_ids", pa.array(ids, pa.list_(pa.int32())))
@@ -322,7 +327,7 @@ def test_concepts_backend_is_deterministic_and_dedups_globally(ray_address, inge
     caption(with_concepts(ingested, tmp_path / "in1", one_shard=True), tmp_path / "s1", common)
     assert sorted(kept(tmp_path / "w1")["sample_id"].to_pylist()) == sorted(kept(tmp_path / "s1")["sample_id"].to_pylist())
     # the pseudo-captions name the top-k concepts in the language asked
-    out, src = kept(tmp_path / "w1"), pa.concat_tables([pq.read_table(p) for p in sorted(inp.glob("*.parquet"))])
+    out, src = kept(tmp_path / "w1"), pa.concat_tables([pq.read_table(p) for p in sorted(stage_data(inp).glob("*.parquet"))])
     concept_of = dict(zip(src["sample_id"].to_pylist(), src["concept_ids"].to_pylist()))
     for row in out.to_pylist():
         names = list(dict.fromkeys(VOCAB[i][row["language"] == "zh"] for i in concept_of[row["sample_id"]]))[:2]
@@ -331,7 +336,7 @@ def test_concepts_backend_is_deterministic_and_dedups_globally(ray_address, inge
         assert row["captioner"].startswith("concepts-top2:")
     # every kept caption is unique, and each winner is the smallest (sample_hash, sample_id)
     assert len(set(out["caption"].to_pylist())) == out.num_rows
-    pass1 = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "w1" / "_captions").glob("*.parquet"))])
+    pass1 = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "w1" / "_captions" / "data").glob("*.parquet"))])
     groups: dict = {}
     for r in pass1.select(["caption", "sample_hash", "sample_id"]).to_pylist():
         groups.setdefault(r["caption"], []).append((r["sample_hash"], r["sample_id"]))
@@ -416,7 +421,7 @@ def test_vllm_backend_runs_its_shards_one_at_a_time_in_this_process(ray_address,
 
     monkeypatch.setattr(cap, "caption_vllm", fake_vllm)
     summary = caption(ingested, tmp_path / "o", ['caption.backend="vllm"', 'caption.model="fake-vl"'])
-    shards = sorted(ingested.glob("*.parquet"))
+    shards = sorted((ingested / "data").glob("*.parquet"))
     assert [pid for pid, n in calls if n] == [os.getpid()] * len(shards)  # (n = 0: prepare's probe)
     assert sum(n for _, n in calls) == summary.input_rows == len(input_ids(ingested))
     assert summary.input_rows == summary.kept_rows + summary.dropped_rows

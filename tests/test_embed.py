@@ -56,7 +56,7 @@ def embed_input(demo_ingested, tmp_path_factory) -> Path:
     src.mkdir()
     entries = read_manifest_entries(Location.parse(str(demo_ingested)))
     for e in entries.values():
-        shutil.copy(demo_ingested / e["output"], src / e["output"])
+        shutil.copy(demo_ingested / e["output"], src / Path(e["output"]).name)
     good = pq.read_table(src / sorted(os.listdir(src))[0]).slice(0, 2)
     garbage = root / "garbage.parquet"
     pq.write_table(pa.table({"image": [b"\xff\xd8\xff\xe0" + b"\x00" * 64]}), garbage)
@@ -96,7 +96,7 @@ def test_output_schema_accounting_and_ledger(embedded, embed_input):
     ledger = pq.read_table(embedded["ray"] / "_ledger" / "zz_bad.parquet").to_pydict()
     assert ledger["stage"] == ["embed"] * 3 and [loc.rsplit("#", 1)[1] for loc in ledger["locator"]] == \
         ["row=2", "row=3", "row=4"]
-    kept = pq.read_table(embedded["ray"] / "zz_bad.parquet")
+    kept = pq.read_table(embedded["ray"] / "data" / "zz_bad.parquet")
     assert kept.num_rows == 3
     field = kept.schema.field(EMBEDDING)
     assert field.type == pa.list_(pa.float16(), 64) and not field.nullable
@@ -114,7 +114,7 @@ def test_embedding_independent_of_batch_composition_and_worker_count(embedded):
 def test_stage_embeddings_equal_the_model_on_its_own_preprocessing(embedded):
     """The stage's split preprocessing + padded batches give what open_clip's own transform and a
     one-image forward give (fp32 on CPU; compared after the float16 cast)."""
-    table = pq.read_table(embedded["ray"] / sorted(p.name for p in embedded["ray"].glob("*.parquet"))[0])
+    table = pq.read_table(sorted((embedded["ray"] / "data").glob("*.parquet"))[0])
     import open_clip
 
     model = load_model(SPEC)

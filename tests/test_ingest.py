@@ -98,7 +98,7 @@ def test_ray_job_entrypoint_runs_the_stage(ray_address, demo_raw, tmp_path):
         env=subprocess_env(ray_address), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ingest" in result.stdout and "corrupt_image=1" in result.stdout
-    assert set(read_table(Location.parse(str(out / "coyo__part-00000.parquet")))["source"].to_pylist()) == {"fixed"}
+    assert set(read_table(Location.parse(str(out / "data" / "coyo__part-00000.parquet")))["source"].to_pylist()) == {"fixed"}
     ledger = subprocess.run([python_exe(), "-m", "ovpipe.cli", "ledger", str(out)],
                             env=subprocess_env(), capture_output=True, text=True)
     assert "too_many_pixels" in ledger.stdout and "total dropped: 5" in ledger.stdout

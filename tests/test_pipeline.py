@@ -91,7 +91,7 @@ def test_incremental_run_processes_only_new_shards_and_equals_from_scratch(ray_a
     for step in PER_SHARD_STEPS:  # only the two new shards were ingested, embedded, assigned
         assert by_stage[step]["shards_skipped"] == len(first) and by_stage[step]["shards"] == len(shards)
     assert by_stage["balance"]["input_rows"] == by_stage["assign"]["kept_rows"]  # global: the union
-    scratch = run_pipeline(str(raw), str(tmp_path / "scratch"), cfg, run_id="s")  # same files, all at once
+    run_pipeline(str(raw), str(tmp_path / "scratch"), cfg, run_id="s")  # same files, all at once
     assert outputs(tmp_path / "inc", "v2") == outputs(tmp_path / "scratch", "s")
     # v1 is still there, untouched, and the run manifests say what each run did
     assert (tmp_path / "inc" / "versions" / "v1" / "pack").is_dir()

@@ -39,7 +39,7 @@ def _toy_input(folder) -> str:
 
 
 def _kept(out) -> list[int]:
-    return sorted(x for f in out.glob("*.parquet") for x in pq.read_table(f).column("x").to_pylist())
+    return sorted(x for f in (out / "data").glob("*.parquet") for x in pq.read_table(f).column("x").to_pylist())
 
 
 def _help(argv: list[str], run) -> str:
@@ -87,7 +87,8 @@ def test_pipeline_steps_are_the_registry_in_order():
     assert step_names() == registry.names()
     known = {registry.INPUT, *registry.names()}
     for i, e in enumerate(registry.STAGES):
-        assert e.reads in known and (e.reads == registry.INPUT or registry.names().index(e.reads) < i)
+        for r in e.read_candidates:  # each candidate is an earlier stage (or the raw input)
+            assert r in known and (r == registry.INPUT or registry.names().index(r) < i)
 
 
 def test_a_toy_stage_added_to_the_registry_runs_through_cli_pipeline_and_ray_job(toy_registered, tmp_path, capsys):
@@ -116,3 +117,21 @@ def test_the_toy_stage_runs_on_ray_through_its_job_entry_point(toy_registered, t
     raw = _toy_input(tmp_path / "in")
     assert _run_module("ray_jobs.keep_even", ["--input", raw, "--output", str(tmp_path / "job"), "--quiet"]) == 0
     assert _kept(tmp_path / "job") == [0, 2, 4, 6, 8]
+
+
+def test_an_optional_step_runs_only_when_enabled_and_the_next_step_reads_it_then(monkeypatch):
+    from ovpipe.pipeline import default_steps, input_step
+
+    first = StageEntry("toy_a", "a", "tests.toy_stage:KeepEvenStage")
+    optional = StageEntry("optional_toy", "b", "tests.toy_stage:OptionalToy", reads="toy_a", optional=True)
+    last = StageEntry("toy_c", "c", "tests.toy_stage:KeepEvenStage", reads=("optional_toy", "toy_a", "no_such"))
+    monkeypatch.setattr(registry, "STAGES", [first, optional, last])
+    assert last.read_candidates == ("optional_toy", "toy_a")  # unregistered names are skipped
+    off, on = load_config(overrides=["run.seed=0"]), load_config(overrides=["run.seed=7"])
+    assert default_steps(off) == ["toy_a", "toy_c"] and default_steps(on) == ["toy_a", "optional_toy", "toy_c"]
+    assert input_step(last, default_steps(off), off) == "toy_a"
+    assert input_step(last, default_steps(on), on) == "optional_toy"
+    # a partial run reads what the config enables (its folder from an earlier run)
+    assert input_step(last, ["toy_c"], off) == "toy_a" and input_step(last, ["toy_c"], on) == "optional_toy"
+    # naming the optional step runs it whatever its config says
+    assert input_step(last, ["toy_a", "optional_toy", "toy_c"], off) == "optional_toy"

@@ -156,7 +156,7 @@ def test_a_retry_that_drops_nothing_leaves_no_stale_ledger(tmp_path):
     # the retry (the transient failure gone) keeps both rows and removes the dead attempt's ledger
     run_stage(KeepEvenStage(drop_odd=False), str(tmp_path / "in"), str(tmp_path / "o"), cfg, quiet=True)
     assert not (tmp_path / "o" / "_ledger" / "a.parquet").exists()
-    assert read_table(out.join("a.parquet")).num_rows == 2 and ledger_counts(out).height == 0
+    assert read_table(out.join("data", "a.parquet")).num_rows == 2 and ledger_counts(out).height == 0
 
 
 @pytest.mark.parametrize("key", ["raw/part 1.parquet", "raw/a#1.parquet", "raw/猫.parquet"])
@@ -177,5 +177,5 @@ def test_a_shard_whose_input_was_rewritten_is_redone_on_resume(tmp_path):
     _shards(tmp_path / "in", a=[8])  # rewritten under the same name
     summary = run_stage(KeepEvenStage(), str(tmp_path / "in"), str(tmp_path / "o"), cfg, quiet=True)
     out = Location.parse(str(tmp_path / "o"))
-    assert read_table(out.join("a.parquet"))["x"].to_pylist() == [8]
+    assert read_table(out.join("data", "a.parquet"))["x"].to_pylist() == [8]
     assert summary.shards_skipped == 1 and summary.input_rows == 2  # b was left as it was

@@ -37,8 +37,8 @@ def test_two_passes_in_their_folders_with_one_accounting(tmp_path):
     summary = run_stage(TwoPassToy(), raw, str(out), _cfg(), quiet=True)
     assert (summary.stage, summary.input_rows, summary.kept_rows, summary.dropped_rows) == ("two_pass_toy", 5, 3, 2)
     assert summary.shards == 4 and summary.shards_skipped == 0  # 2 shards in each pass
-    assert sorted(p.name for p in (out / "_marked").glob("*.parquet")) == ["a.parquet", "b.parquet"]
-    assert pq.read_table(out / "a.parquet").column("seed").to_pylist() == [0, 0]  # pass 2 read pass 1
+    assert sorted(p.name for p in (out / "_marked" / "data").glob("*.parquet")) == ["a.parquet", "b.parquet"]
+    assert pq.read_table(out / "data" / "a.parquet").column("seed").to_pylist() == [0, 0]  # pass 2 read pass 1
     headers = [json.loads((f / "_manifest" / "_stage.json").read_text())["stage"] for f in (out / "_marked", out)]
     assert headers == ["mark", "keep_even_marked"]
     assert json.loads((out / "_manifest" / "_summary.json").read_text())["stage"] == "two_pass_toy"
@@ -75,7 +75,7 @@ def test_overwrite_clears_every_redone_pass_first_so_a_crash_can_resume(tmp_path
     assert not (out / "a.parquet").exists() and not (out / "_manifest" / "_stage.json").exists()
     resumed = run_stage(TwoPassToy(), raw, str(out), _cfg("run.seed=5"), quiet=True)
     assert resumed.shards_skipped == 1  # pass 1's shard a, committed before the failure
-    assert pq.read_table(out / "a.parquet").column("seed").to_pylist() == [5, 5]
+    assert pq.read_table(out / "data" / "a.parquet").column("seed").to_pylist() == [5, 5]
 
 
 def test_an_output_inside_its_input_is_refused(tmp_path):

@@ -71,3 +71,12 @@ class TwoPassToy(Stage):
 
     def passes(self):
         return [MarkPass(self.fail), KeepEvenAfterMark()]
+
+
+class OptionalToy(KeepEvenStage):
+    """An optional step for the pipeline's step choice: enabled when run.seed is 7."""
+
+    name = "optional_toy"
+
+    def enabled(self, cfg) -> bool:
+        return cfg.run.seed == 7

@@ -12,7 +12,9 @@ storage, ``resolve_output`` redirects the train step under ``train.run_dir``.
 One process (CPU, one GPU, or ``train.nproc_per_node = 1``) trains in this process; more run
 ``python -m torch.distributed.run --standalone -m trainer.train`` (trainer/train.py's entry point).
 Re-running into the same run folder resumes from its newest checkpoint; a finished run folder
-(``summary.json`` present) is left as it is.
+(``summary.json`` present) is left as it is, or refused when the training config changed
+(``refuse_changed_train_config``). A torchrun failure is one line: the failing rank's exception
+(its whole output goes to ``<run folder>/_logs/torchrun-<time>.log``).
 
 The pipeline's train step (``pipeline_runs``): with a real model (``train.llm_path`` or
 ``train.init_from``) it trains the configured ``train.phase`` into ``<step folder>/<phase>``; with the
@@ -22,8 +24,10 @@ phase's run folder, into ``<step folder>/1``, ``/1.5`` and ``/2``.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import re
 import shutil
 import subprocess
 import sys
@@ -31,10 +35,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ovpipe.core.config import config_hash, to_toml
+from ovpipe.core.config import config_hash, section_dump, to_toml
 from ovpipe.core.shards import Location
-from ovpipe.core.stage import Stage, StageSummary
+from ovpipe.core.stage import OutputConflict, Stage, StageSummary
 from trainer.data import PackStream
+from trainer.metrics import summary_text
 from trainer.train import train
 
 if TYPE_CHECKING:
@@ -61,6 +66,7 @@ class TrainStage(Stage):
         out = Path(self._local_path(output))
         if overwrite and out.exists():
             shutil.rmtree(out)
+        refuse_changed_train_config(output, cfg)
         n_packs = _count_packs(input, filesystem)
         already = (out / "summary.json").exists()
         phase = cfg.train.phase
@@ -78,9 +84,12 @@ class TrainStage(Stage):
                        "-m", "trainer.train", "--input", input, "--output", str(out), "--config", str(toml)]
                 if not quiet:
                     print(" ".join(cmd), file=sys.stderr, flush=True)
-                rc = subprocess.call(cmd)
+                rc, failure, log = _torchrun(cmd, out)
                 if rc != 0:
-                    raise RuntimeError(f"training phase {phase} failed (exit {rc}); rerun to resume")
+                    raise RuntimeError(f"training phase {phase} failed{failure} (exit {rc}); its output is in "
+                                       f"{log}; re-run the same command to resume from the newest checkpoint")
+        if not quiet and (out / "summary.json").exists():
+            print(summary_text(json.loads((out / "summary.json").read_text()), out), file=sys.stderr, flush=True)
         return StageSummary(stage=self.name, output=output, config_hash=config_hash(cfg.train.model_dump()),
                             shards=1, shards_skipped=int(already), input_rows=n_packs, kept_rows=n_packs,
                             dropped_rows=0, dropped_by_reason={}, seconds=round(time.monotonic() - start, 3))
@@ -127,6 +136,67 @@ class TrainStage(Stage):
             raise ValueError(f"a training run folder must be a local or shared path (checkpoints need a "
                              f"filesystem), not {output!r}; the pipeline puts it under train.run_dir")
         return Location.parse(output).path
+
+
+def refuse_changed_train_config(output: str, cfg: Config) -> None:
+    """A finished run folder (``summary.json``) written with another training config is refused,
+    like a stage output of another config (``OutputConflict``), naming the keys that changed."""
+    if not _is_local(output):
+        return
+    out = Path(Location.parse(output).path)
+    saved = out / "train_config.json"
+    if not (out / "summary.json").exists() or not saved.exists():
+        return
+    old_all = json.loads(saved.read_text())
+    new = section_dump(cfg, ("train", "run"))  # the fields that change what training writes
+    changed = [f"{section}.{k}: {old_all.get(section, {}).get(k)!r} -> {v!r}"
+               for section, fields in new.items() for k, v in sorted(fields.items())
+               if k in old_all.get(section, {}) and old_all[section][k] != v]
+    if changed:
+        raise OutputConflict(
+            f"output {str(out)!r} is a finished training run of another config. Changed: {'; '.join(changed)}. "
+            "Write to a new --output, or delete the old run folder to train it again.")
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:\[(?:rank|default)\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception)\b.*)$")
+
+
+def _torchrun(cmd: list[str], out: Path) -> tuple[int, str, str]:
+    """Run torchrun; its stderr goes to ``<out>/_logs/torchrun-<time>.log`` and, without its
+    tracebacks and its ChildFailedError report, to ours. Returns (exit code, " on rank R: <the
+    failing rank's exception line>" or "", the log's path)."""
+    from ovpipe.console import LOG_DIR, StderrFilter
+
+    log_path = out / LOG_DIR / f"torchrun-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        filt, report = StderrFilter(log, sys.stderr.fileno()), False
+        for raw in iter(proc.stderr.readline, b""):
+            log.write(raw)
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            lines.append(line)
+            report = report or "ChildFailedError" in line
+            if not report and filt.keep(line):
+                print(line, file=sys.stderr, flush=True)
+        rc = proc.wait()
+    return rc, _failure(lines), str(log_path)
+
+
+def _failure(lines: list[str]) -> str:
+    """' on rank R: <exception line>' from torchrun's output: the root-cause rank of its report and
+    the first exception line a rank printed (not torchrun's own)."""
+    rank = ""
+    if any("Root Cause" in s for s in lines):
+        after = lines[next(i for i, s in enumerate(lines) if "Root Cause" in s):]
+        found = next((re.search(r"rank\s*:\s*(\d+)", s) for s in after if re.search(r"rank\s*:\s*\d+", s)), None)
+        rank = f" on rank {found.group(1)}" if found else ""
+    for s in lines:
+        m = _EXCEPTION_LINE.match(s.strip())
+        if m and "ChildFailedError" not in s and "elastic" not in s:
+            return f"{rank}: {m.group(1)}"
+    return rank
 
 
 def _train_here(input: str, output: str, cfg: Config, quiet: bool) -> None:

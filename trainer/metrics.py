@@ -74,8 +74,10 @@ class FlopCounter:
 
 class Metrics:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 progress_interval_s: float = 5.0, log=None):
+                 progress_interval_s: float = 5.0, log=None, phase: str = ""):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.phase = phase  # the training phase ("1", "1.5", "2"): labels progress lines and the plot
+        self.prefix = f"[train phase {phase}] " if phase else ""
         self.total, self.start = total_steps, start_step
         self.enabled = enabled
         self.interval = progress_interval_s
@@ -107,10 +109,10 @@ class Metrics:
         if "loss" in record and (now - self.last_print >= self.interval or last or done == 1):
             self.last_print = now
             mfu = f" mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
-            self.log(f"step {record['step'] + 1}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            self.log(f"{self.prefix}step {record['step'] + 1}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
                      f"{record['effective_tokens_per_s']:,.0f} eff tok/s{mfu} eta {record['eta_s']:.0f}s")
         if "val_loss" in record:
-            self.log(f"step {record['step'] + 1}/{self.total} val_loss {record['val_loss']:.4f}")
+            self.log(f"{self.prefix}step {record['step'] + 1}/{self.total} val_loss {record['val_loss']:.4f}")
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -120,13 +122,23 @@ class Metrics:
     def plot(self, png: str | Path | None = None) -> Path | None:
         if not self.enabled:
             return None
+        import matplotlib.pyplot as plt
+
+        png = Path(png or self.path.with_name("loss.png"))
+        fig = self.figure()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        return png
+
+    def figure(self):
+        """The loss curve: per optimizer step (integer ticks), titled with the training phase."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         recs = self.records()
-        png = Path(png or self.path.with_name("loss.png"))
         fig, ax = plt.subplots(figsize=(7, 4))
         train = [(r["step"] + 1, r["loss"]) for r in recs if "loss" in r]
         val = [(r["step"] + 1, r["val_loss"]) for r in recs if "val_loss" in r]
@@ -134,12 +146,39 @@ class Metrics:
             ax.plot(*zip(*train), label="train loss")
         if val:
             ax.plot(*zip(*val), "o-", label="validation loss")
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_ylabel("loss (mean token cross-entropy)")
-        ax.set_title(f"{self.path.parent.name}")
+        ax.ticklabel_format(axis="y", useOffset=False)  # 11.879 reads better than +1.1878e1 and 0.001
+        run = self.path.parent.name
+        title = f"training phase {self.phase}" if self.phase else run
+        ax.set_title(title + (f" ({run})" if self.phase and run != self.phase else ""))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
-        return png
+        return fig
+
+
+def summary_text(summary: dict, run_dir: str | Path) -> str:
+    """A finished phase in a few readable lines (the end of `ovpipe train` and of the torchrun
+    entry point), from its summary.json and metrics.jsonl."""
+    run_dir = Path(run_dir)
+    recs = Metrics(run_dir, 0, enabled=False).records()
+    train = [r for r in recs if "loss" in r]
+    val = [r for r in recs if "val_loss" in r]
+    rate = sum(r["effective_tokens_per_s"] for r in train) / len(train) if train else None
+    first = f"{train[0]['loss']:.4f} -> " if len(train) > 1 else ""
+    final = summary.get("final_loss")
+    lines = [f"training phase {summary.get('phase')}: {summary.get('steps')} steps"
+             + (f" (resumed at step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else "")
+             + f" on {summary.get('world_size', 1)} process(es) in {summary.get('seconds', 0):.1f}s",
+             f"  loss {first}{final:.4f}" if isinstance(final, (int, float)) else "  loss: no steps recorded"]
+    if val:
+        lines[-1] += f", validation loss {val[-1]['val_loss']:.4f}"
+    if rate:
+        lines[-1] += f"; {rate:,.0f} effective tokens/s"
+    if (run_dir / "loss.png").exists():
+        lines.append(f"  loss plot: {run_dir / 'loss.png'}")
+    if summary.get("export"):
+        lines.append(f"  model: {summary['export']} (Hugging Face folder: {summary['export']}/llm)")
+    return "\n".join(lines)

@@ -48,7 +48,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.collate import PackCollator, to_device
 from trainer.data import PackStream
 from trainer.export import export_model, load_exported
-from trainer.metrics import FlopCounter, Metrics, peak_flops
+from trainer.metrics import FlopCounter, Metrics, peak_flops, summary_text
 from trainer.model import VisionConfig, build_model, tiny_llm_config, tiny_vision_config
 from trainer.params import get_phase
 from trainer.step import make_optimizer
@@ -237,7 +237,8 @@ def train(input: str, output: str, cfg: Config, log=print, *, quiet: bool = Fals
         if rank == 0:
             log(f"resumed from {latest} (step {done})")
     metrics = Metrics(run_dir, t.steps, start_step=done, enabled=rank == 0,
-                      progress_interval_s=cfg.run.progress_interval_s, log=(lambda s: None) if quiet else None)
+                      progress_interval_s=cfg.run.progress_interval_s, log=(lambda s: None) if quiet else None,
+                      phase=phase.name)
     peak = peak_flops(t.peak_tflops)
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
 
@@ -274,7 +275,8 @@ def train(input: str, output: str, cfg: Config, log=print, *, quiet: bool = Fals
 
     exported = None
     if t.export:
-        exported = export_model(model, run_dir / "export", {"phase": phase.name, "run": str(run_dir)})
+        exported = export_model(model, run_dir / "export", {"phase": phase.name, "run": str(run_dir)},
+                                tokenizer=settings[0]["tokenizer"], system_prompt=settings[0]["system_prompt"])
     summary = {"phase": phase.name, "steps": t.steps, "resumed_from_step": done, "world_size": world,
                "inputs": roots, "packs_per_rank_per_epoch": [s.packs_per_epoch() for s in data.streams],
                "export": str(exported) if exported else None, "seconds": round(time.monotonic() - start, 3)}
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(args.input, args.output, cfg)
         if dist.get_rank() == 0:
-            print(json.dumps(summary))
+            print(summary_text(summary, args.output))  # the numbers are in RUN_DIR/summary.json
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

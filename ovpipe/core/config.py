@@ -155,10 +155,11 @@ def load_config(root: type[BaseModel], path: str | Path | None = None, overrides
         raise ConfigError(_format_errors(root, e, origin)) from None
 
 
-def to_toml(cfg: BaseModel) -> str:
-    """Render the resolved config as TOML (flat sections of scalars and lists)."""
+def to_toml(cfg: BaseModel | dict[str, Any]) -> str:
+    """Render the resolved config (or its dump, e.g. a run manifest's) as TOML (flat sections of
+    scalars and lists)."""
     out: list[str] = []
-    for name, section in cfg.model_dump().items():
+    for name, section in (cfg if isinstance(cfg, dict) else cfg.model_dump()).items():
         out.append(f"[{name}]")
         for key, value in section.items():
             out.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")

@@ -4,7 +4,9 @@ Paths are local paths or URIs (``s3://``, ``gs://``, ``file://``); a caller may 
 pyarrow ``FileSystem`` explicitly (tests use ``SubTreeFileSystem`` and fsspec's memory
 filesystem). Layout of a stage's output folder::
 
-    OUT/<shard>.parquet           data, one per input shard (deterministic name)
+    OUT/data/<shard>.parquet      kept rows, one shard per input shard (deterministic name); the
+                                  folder holds nothing else, so polars, pyarrow.dataset and
+                                  `datasets.load_dataset("parquet", data_dir=OUT/data)` open it
     OUT/_ledger/<shard>.parquet   dropped samples of that input shard (only if any)
     OUT/_manifest/_stage.json     stage name + config + config hash (written before any shard)
     OUT/_manifest/<shard>.json    commit record of one input shard (written last)
@@ -12,7 +14,9 @@ filesystem). Layout of a stage's output folder::
 
 A data shard counts as written only once its manifest entry exists. On a local disk every
 file is written to a temporary name and renamed; object stores have no rename, so there the
-manifest entry (a single small PUT) is the commit and readers never list data files.
+manifest entry (a single small PUT) is the commit and readers never list data files. Data
+shards are written through OUT/_tmp/ (not a hidden name inside data/), so a crash mid-write
+leaves no stray file in the dataset folder.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST_DIR = "_manifest"
+DATA_DIR = "data"
+TMP_DIR = "_tmp"
 LEDGER_DIR = "_ledger"
 STAGE_FILE = "_stage.json"
 SUMMARY_FILE = "_summary.json"
@@ -134,15 +140,19 @@ class Location:
         return sorted(out, key=lambda loc: loc.path)
 
 
-def _tmp_name(final: Location) -> Location:
+def _tmp_name(final: Location, tmp_dir: Location | None = None) -> Location:
     folder, name = posixpath.split(final.path)
+    if tmp_dir is not None:
+        tmp_dir.mkdir()
+        folder = tmp_dir.path
     return Location(final.fs, posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp"))
 
 
-def write_bytes_atomic(dest: Location, data: bytes) -> None:
-    """Write a whole file; on a local disk through a temporary name and a rename."""
+def write_bytes_atomic(dest: Location, data: bytes, tmp_dir: Location | None = None) -> None:
+    """Write a whole file; on a local disk through a temporary name (in tmp_dir, default: beside
+    the file) and a rename."""
     dest.fs.create_dir(posixpath.dirname(dest.path), recursive=True)
-    target = _tmp_name(dest) if dest.is_local else dest
+    target = _tmp_name(dest, tmp_dir) if dest.is_local else dest
     with dest.fs.open_output_stream(target.path) as f:
         f.write(data)
     if target is not dest:
@@ -153,14 +163,19 @@ def table_to_parquet_bytes(table: pa.Table, row_group_size: int | None = None) -
     sink = io.BytesIO()
     options = PARQUET_WRITE_OPTIONS if row_group_size is None else {**PARQUET_WRITE_OPTIONS,
                                                                      "row_group_size": row_group_size}
-    pq.write_table(table, sink, **options)
+    if table.num_rows == 0:  # no row group at all: `datasets` refuses a file with one of 0 rows
+        with pq.ParquetWriter(sink, table.schema, **{k: v for k, v in options.items() if k != "row_group_size"}):
+            pass
+    else:
+        pq.write_table(table, sink, **options)
     return sink.getvalue()
 
 
-def write_table(dest: Location, table: pa.Table, row_group_size: int | None = None) -> None:
+def write_table(dest: Location, table: pa.Table, row_group_size: int | None = None,
+                tmp_dir: Location | None = None) -> None:
     """Write one Parquet shard with the fixed writer settings (deterministic bytes); a reader that
     reads a row group at a time may ask for its own row-group size (packs)."""
-    write_bytes_atomic(dest, table_to_parquet_bytes(table, row_group_size))
+    write_bytes_atomic(dest, table_to_parquet_bytes(table, row_group_size), tmp_dir)
 
 
 def read_table(src: Location, columns: list[str] | None = None) -> pa.Table:
@@ -178,7 +193,11 @@ def write_json(dest: Location, payload: dict[str, Any]) -> None:
 
 
 def read_json(src: Location) -> dict[str, Any]:
-    return json.loads(src.read_bytes().decode("utf-8"))
+    try:
+        return json.loads(src.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as e:  # say which file (a manifest damaged by hand or by a full disk)
+        raise json.JSONDecodeError(f"{src.uri()!r} is not valid JSON ({e.msg}); repair or remove it", e.doc,
+                                   e.pos) from None
 
 
 def shard_name_for(input_root: Location, shard: Location) -> str:

@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -40,10 +40,12 @@ import pyarrow.fs as pafs
 from ovpipe.core.config import config_hash, section_dump
 from ovpipe.core.executor import map_tasks
 from ovpipe.core.ledger import AccountingError, Ledger
-from ovpipe.core.progress import Progress
+from ovpipe.core.progress import Progress, parquet_rows, start_note
 from ovpipe.core.shards import (
+    DATA_DIR,
     LEDGER_DIR,
     MANIFEST_DIR,
+    TMP_DIR,
     STAGE_FILE,
     SUMMARY_FILE,
     Location,
@@ -51,6 +53,7 @@ from ovpipe.core.shards import (
     parquet_num_rows,
     read_json,
     read_manifest_entries,
+    read_table,
     shard_name_for,
     write_json,
     write_table,
@@ -113,6 +116,9 @@ class StageSummary:
     dropped_by_reason: dict[str, int]
     seconds: float
     failed: dict[str, str] = field(default_factory=dict)
+    # ovpipe retry, per reason retried: {"retried": n, "recovered": n, "still_failing": n}, summed
+    # over every retry of the committed shards ({} when none was retried)
+    retried_by_reason: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +189,27 @@ class Pass:
         """Files besides data and ledger that belong to one shard (deleted when it is retired)."""
         return []
 
+    def process_rows(self, task: ShardTask, rows: list[int]) -> ShardOutput:
+        """``process`` for only these rows of the shard's input (``ovpipe retry``: rows a transient
+        failure dropped): their kept rows and ledger rows, exactly as ``process`` writes them for
+        those rows, locators included. The default runs ``process`` on the input filtered to those
+        rows (a Parquet file under OUT/_tmp) and maps its locators back; a stage whose rows are not
+        Parquet rows of a self-contained file (ingest: paths relative to the shard) overrides it."""
+        tmp = task.output_root.join(TMP_DIR, "retry", f"{task.shard}.parquet")
+        write_table(tmp, read_table(task.input).take(pa.array(rows, pa.int64())))
+        try:
+            result = self.process(replace(task, input=tmp))
+        finally:
+            tmp.delete_if_exists()
+        back = {f"{tmp.uri()}#row={i}": f"{task.input.uri()}#row={r}" for i, r in enumerate(rows)}
+        result.ledger.rows["locator"] = [back.get(v, v) for v in result.ledger.rows["locator"]]
+        for i, f in enumerate(result.table.schema):  # locator columns of kept rows (caption_locator)
+            if pa.types.is_string(f.type):
+                values = result.table.column(i).to_pylist()
+                if any(v in back for v in values):
+                    result.table = result.table.set_column(i, f, pa.array([back.get(v, v) for v in values], f.type))
+        return result
+
 
 class Stage:
     """A named list of passes plus an optional report. The hooks below ``report`` are what the
@@ -206,6 +233,16 @@ class Stage:
     def check(self, cfg: Any, output: str) -> None:
         """Loud checks of the config (and the output), before anything is read or written: run_stage
         calls it first, and the pipeline calls it for every step before the first step runs."""
+
+    def enabled(self, cfg: Any) -> bool:
+        """Whether `ovpipe run` runs this stage when pipeline.steps does not list the steps (an
+        optional stage in the registry says from its config, e.g. whether benchmarks are set)."""
+        return True
+
+    def resolve_input(self, input: Any, cfg: Any) -> str:
+        """The one input path of `ovpipe <stage>` (checked, then passed to ``run``): --input itself;
+        a stage of several inputs (merge: repeated --input, set in its config) names its first."""
+        return input
 
     def resolve_output(self, cfg: Any, output: str, run_id: str) -> str:
         """Where the pipeline's step really writes (training: checkpoints need a filesystem)."""
@@ -244,6 +281,8 @@ def run_stage(stage: Stage, input: str, output: str, cfg: Any, *, filesystem=Non
     else:  # a changed config is refused before any pass writes anything
         for p in passes:
             refuse_changed_config(stage.name, p, _folder(out, p), cfg)
+    if not quiet:  # Ray and models take a while to start: say so at once
+        print(f"[{stage.name}] {start_note(cfg)}", file=sys.stderr, flush=True)
     results: dict[str, PassResult] = {}
     for p in passes:
         reads = stage_input if p.reads == INPUT else _folder(out, _pass_named(passes, p.reads))
@@ -268,8 +307,9 @@ def run_pass(p: Pass, ctx: PassContext, *, overwrite: bool = False, quiet: bool 
     tasks, global_state = plan_tasks(p, ctx)
     digest = tasks[0].config_hash
     open_output(ctx.output, pass_payload(p, ctx.cfg, global_state), digest, replace=overwrite, keep=keep,
-                stage=ctx.stage)
+                stage=ctx.stage, recorded={"input": ctx.input.uri(), "config": _recorded_config(ctx.cfg)})
     done = read_manifest_entries(ctx.output)
+    before = dict(done)
     gone = sorted(set(done) - {t.shard for t in tasks})
     if gone:
         retire_shards(p, ctx.output, gone, ctx.cfg)
@@ -284,10 +324,14 @@ def run_pass(p: Pass, ctx: PassContext, *, overwrite: bool = False, quiet: bool 
     pending = [t for t in tasks if t.shard not in done]
     failed: dict[str, str] = {}
     if pending:
-        progress = Progress(p.name, len(pending), ctx.cfg.run.progress_interval_s, quiet=quiet)
+        progress = Progress(p.name, len(pending), ctx.cfg.run.progress_interval_s, quiet=quiet,
+                            total_rows=parquet_rows([t.input for t in pending]) if p.counts_samples else None)
         failed = p.execute(pending, ctx, progress)
     wanted = {t.shard for t in tasks}
     entries = {k: v for k, v in read_manifest_entries(ctx.output).items() if k in wanted}
+    for k in changed:  # a redone shard that `ovpipe retry` had moved to a later generation's files
+        if k in entries:
+            delete_replaced_files(ctx.output, before[k], entries[k])
     summary = _summarise(p.name, ctx.output, digest, entries, len(tasks) - len(pending), failed,
                          time.monotonic() - start)
     if failed:
@@ -348,8 +392,18 @@ def _subfolders(passes: list[Pass], p: Pass) -> tuple[str, ...]:
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The changed keys as a person sets them (``balance.target: 100 -> 200``, as in --set); what
+    a pass computed from its input (``global_state``: counts, a cut-off) is named, not listed."""
     a, b = _flatten(old), _flatten(new)
-    changes = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    changes = [f"{k.removeprefix('config.')}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed
+               if not k.startswith(("global_state.", "schema_version", "stage"))]
+    if any(k.startswith(("schema_version", "stage")) for k in changed):
+        changes.append("the output's format (written by another ovpipe version or stage)")
+    computed = sorted({k.split(".")[1] for k in changed if k.startswith("global_state.")})
+    if computed:
+        changes.append(f"what it computed from its input or model ({', '.join(computed)}): the input or "
+                       "the model changed since")
     return "; ".join(changes) or "(no key differs; the stage's code version changed)"
 
 
@@ -413,9 +467,11 @@ def refuse_changed_config(stage: str, p: Pass, out: Location, cfg: Any) -> None:
 
 
 def open_output(out: Location, payload: dict[str, Any], digest: str, *, replace: bool = False,
-                keep: tuple[str, ...] = (), stage: str = "") -> None:
+                keep: tuple[str, ...] = (), stage: str = "", recorded: dict[str, Any] | None = None) -> None:
     """Check a pass's folder against this run's config; write the header if new. With ``replace``
-    an output of another config is deleted (--overwrite of a ``keep_on_overwrite`` pass)."""
+    an output of another config is deleted (--overwrite of a ``keep_on_overwrite`` pass).
+    ``recorded``: what the pass read and the whole resolved config, kept in the header so that
+    ``ovpipe retry`` re-runs rows with the settings that wrote them (the captioner's URL too)."""
     header = out.join(MANIFEST_DIR, STAGE_FILE)
     if header.exists():
         old = read_json(header)
@@ -431,7 +487,14 @@ def open_output(out: Location, payload: dict[str, Any], digest: str, *, replace:
             )
         clear_folder(out, keep)
     out.mkdir()
-    write_json(header, {"stage": payload["stage"], "config_hash": digest, "payload": payload})
+    write_json(header, {"stage": payload["stage"], "config_hash": digest, "payload": payload,
+                        **({"recorded": recorded} if recorded else {})})
+
+
+def _recorded_config(cfg: Any) -> dict[str, Any] | None:
+    """The resolved config as JSON (None for a config that is not a pydantic model: tests' toys)."""
+    dump = getattr(cfg, "model_dump", None)
+    return dump(mode="json") if dump is not None else None
 
 
 def clear_folder(out: Location, keep: tuple[str, ...] = ()) -> None:
@@ -461,9 +524,12 @@ def retire_shards(p: Pass, out: Location, shards: list[str], cfg: Any) -> None:
             "later stages. Put the inputs back, or re-run with --set run.retire_missing_inputs=true to "
             "delete those shards' output (later stages then retire theirs), or --overwrite to redo the stage."
         )
+    entries = read_manifest_entries(out)
     for shard in shards:
         out.join(MANIFEST_DIR, f"{shard}.json").delete_if_exists()
-        for rel in [f"{shard}.parquet", f"{LEDGER_DIR}/{shard}.parquet", *p.shard_files(shard)]:
+        delete_replaced_files(out, entries.get(shard, {}), {})  # a later generation's files (ovpipe retry)
+        for rel in [f"{DATA_DIR}/{shard}.parquet", f"{shard}.parquet",  # (before data/: at the top)
+                    f"{LEDGER_DIR}/{shard}.parquet", *p.shard_files(shard)]:
             out.join(rel).delete_if_exists()
     print(f"[{p.name}] retired {len(shards)} shard(s) whose input is gone: {shards[:5]}", file=sys.stderr)
 
@@ -487,9 +553,13 @@ def run_shard_safely(p: Pass, task: ShardTask) -> dict[str, Any]:
                 "traceback": traceback.format_exc(limit=8)}
 
 
-def commit_shard(p: Pass, task: ShardTask, result: ShardOutput, start: float | None = None) -> dict[str, Any]:
+def commit_shard(p: Pass, task: ShardTask, result: ShardOutput, start: float | None = None,
+                 replaces: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one commit path: check one shard's accounting, then write its data, its ledger and
-    (last) its manifest entry."""
+    (last) its manifest entry. ``replaces``: the committed entry this commit supersedes (``ovpipe
+    retry``): the new data and ledger get the next generation's names, so until the new entry is
+    written the old one still points at intact files (a crash leaves the old state or the new,
+    never a mix); the old generation's files are deleted after."""
     start = time.monotonic() if start is None else start
     kept, dropped = result.kept, len(result.ledger)
     if result.input_rows != kept + dropped:
@@ -498,14 +568,17 @@ def commit_shard(p: Pass, task: ShardTask, result: ShardOutput, start: float | N
             f"{task.stage}: shard {where!r} read {result.input_rows} rows but kept {kept} "
             f"and ledgered {dropped}; this is a bug in the stage, please report it"
         )
-    output_name = f"{task.shard}.parquet"
-    write_table(task.output_root.join(output_name), result.table, result.row_group_size)
+    generation = replaces.get("generation", 0) + 1 if replaces is not None else 0
+    stem = f"{task.shard}.retry{generation}" if generation else task.shard
+    output_name = f"{DATA_DIR}/{stem}.parquet"
+    write_table(task.output_root.join(output_name), result.table, result.row_group_size,
+                tmp_dir=task.output_root.join(TMP_DIR))
     ledger_name = None
-    ledger_file = task.output_root.join(LEDGER_DIR, f"{task.shard}.parquet")
+    ledger_file = task.output_root.join(LEDGER_DIR, f"{stem}.parquet")
     if dropped:
-        ledger_name = f"{LEDGER_DIR}/{task.shard}.parquet"
+        ledger_name = f"{LEDGER_DIR}/{stem}.parquet"
         write_table(ledger_file, result.ledger.table())
-    else:  # one left by an attempt that died before its commit is not this shard's
+    elif replaces is None:  # one left by an attempt that died before its commit is not this shard's
         ledger_file.delete_if_exists()
     entry = {
         "shard": task.shard,
@@ -521,12 +594,22 @@ def commit_shard(p: Pass, task: ShardTask, result: ShardOutput, start: float | N
         "input_stamp": task.input_stamp,
         "seconds": round(time.monotonic() - start, 3),
         "node": _node_id(),  # where it ran (debugging; manifests are not part of the output bytes)
+        **({"generation": generation} if generation else {}),
         **result.stats,
     }
     _maybe_inject_fault(task)  # data written, not yet committed: the worst moment to die
     # The manifest entry is written last: it is the commit record of this shard.
     write_json(task.output_root.join(MANIFEST_DIR, f"{task.shard}.json"), entry)
+    if replaces is not None:
+        delete_replaced_files(task.output_root, replaces, entry)
     return entry
+
+
+def delete_replaced_files(out: Location, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """After a shard's new entry is committed: the data and ledger files only the old one named."""
+    for key in ("output", "ledger"):
+        if old.get(key) and old[key] not in (new.get("output"), new.get("ledger")):
+            out.join(old[key]).delete_if_exists()
 
 
 def record_result(name: str, result: dict[str, Any], failed: dict[str, str], progress: Progress) -> None:
@@ -581,7 +664,19 @@ def input_file_infos(files: list[Location]) -> dict[str, pafs.FileInfo]:
 def file_shards(input_root: Location, files: list[Location]) -> list[Shard]:
     """One shard per input file: named after its path under the input, stamped with size and mtime."""
     stamps = input_stamps(files)
-    return [Shard(shard_name_for(input_root, f), f, stamps.get(f.path)) for f in files]
+    data = input_root.join(DATA_DIR) if input_root.join(MANIFEST_DIR).is_dir() else None
+
+    def root_of(f: Location) -> Location:  # a stage output's shards keep their names
+        return data if data is not None and f.path.startswith(data.path + "/") else input_root
+
+    committed = committed_shard_names(input_root) if data is not None else {}  # generations of ovpipe retry
+    return [Shard(committed.get(f.path) or shard_name_for(root_of(f), f), f, stamps.get(f.path)) for f in files]
+
+
+def committed_shard_names(root: Location) -> dict[str, str]:
+    """data file path -> shard name, from a stage output's manifest entries (``ovpipe retry``
+    commits a shard's rows under a new generation's file name; downstream the shard keeps its name)."""
+    return {root.join(e["output"]).path: name for name, e in read_manifest_entries(root).items() if e.get("output")}
 
 
 def input_stamps(files: list[Location]) -> dict[str, str]:
@@ -610,7 +705,17 @@ def _summarise(name: str, out: Location, digest: str, entries: dict[str, dict], 
         dropped_by_reason=dict(sorted(reasons.items())),
         seconds=round(seconds, 3),
         failed=failed,
+        retried_by_reason=add_retry_counts(e.get("retried", {}) for e in entries.values()),
     )
+
+
+def add_retry_counts(parts) -> dict[str, dict[str, int]]:
+    """Sum {reason: {"retried", "recovered", "still_failing"}} dicts (manifest entries, summaries)."""
+    total: dict[str, Counter] = {}
+    for part in parts:
+        for reason, counts in part.items():
+            total.setdefault(reason, Counter()).update(counts)
+    return {r: dict(sorted(c.items())) for r, c in sorted(total.items())}
 
 
 def combine_summaries(name: str, out: Location, passes: list[Pass], results: dict[str, PassResult],
@@ -636,6 +741,7 @@ def combine_summaries(name: str, out: Location, passes: list[Pass], results: dic
         dropped_rows=sum(s.dropped_rows for s in sample_passes),
         dropped_by_reason=dict(sorted(reasons.items())),
         seconds=round(seconds, 3),
+        retried_by_reason=add_retry_counts(s.retried_by_reason for s in sample_passes),
     )
 
 
