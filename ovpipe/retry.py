@@ -43,8 +43,6 @@ from ovpipe.config import Config, load_config
 from ovpipe.core.config import ConfigError, apply_override
 from ovpipe.core.ledger import RETRY_COUNTS, AccountingError, Ledger
 from ovpipe.core.shards import (
-    DATA_DIR,
-    LEDGER_DIR,
     MANIFEST_DIR,
     STAGE_FILE,
     Location,
@@ -65,6 +63,7 @@ from ovpipe.core.stage import (
     add_retry_counts,
     clear_folder,
     commit_shard,
+    delete_uncommitted_generations,
     open_output,
     pass_payload,
     plan_tasks,
@@ -73,7 +72,6 @@ from ovpipe.core.stage import (
 
 PENDING_FILE = "_retry_pending.json"  # in a retried pass's _manifest/: its later passes are stale
 _ROW = re.compile(r"#row=(\d+)$")
-_GENERATION = re.compile(r"\.retry\d+\.parquet$")
 # manifest entry fields commit_shard writes itself; the others (a stage's stats) are carried over
 _ENTRY_FIELDS = {"shard", "input", "output", "ledger", "input_rows", "kept_rows", "output_rows", "dropped_rows",
                  "dropped_by_reason", "config_hash", "input_stamp", "seconds", "node", "generation", "retried"}
@@ -227,7 +225,7 @@ def _retry_pass(p: Pass, ctx: PassContext, reasons: set[str], budget: list[int],
                 has_later: bool) -> bool:
     """Retry one pass's rows of ``reasons``; True when it recommitted a shard."""
     entries = read_manifest_entries(ctx.output)
-    _delete_uncommitted_generations(ctx.output, entries)
+    delete_uncommitted_generations(ctx.output, entries)
     todo = sorted(name for name, e in entries.items() if reasons & set(e.get("dropped_by_reason", {})))
     if not todo or budget[0] == 0:
         return False
@@ -309,16 +307,6 @@ def merge_retried(entry: dict[str, Any], old_table: pa.Table, old_ledger: pa.Tab
     stats = {k: v for k, v in entry.items() if k not in _ENTRY_FIELDS}
     stats["retried"] = add_retry_counts([entry.get("retried", {}), counts_json])
     return ShardOutput(table, ledger, n, stats=stats), counts_json
-
-
-def _delete_uncommitted_generations(folder: Location, entries: dict[str, dict[str, Any]]) -> None:
-    """Files of a retry generation that no entry names: an `ovpipe retry` killed before its commit
-    left them (a dataset reader of data/ would otherwise see those rows twice)."""
-    named = {folder.join(e[k]).path for e in entries.values() for k in ("output", "ledger") if e.get(k)}
-    for sub in (DATA_DIR, LEDGER_DIR):
-        for f in folder.join(sub).list_files((".parquet",), recursive=False):
-            if _GENERATION.search(f.path) and f.path not in named:
-                f.delete_if_exists()
 
 
 def retry_table(by_reason: dict[str, dict[str, int]]) -> list[list[Any]]:

@@ -20,8 +20,8 @@ def ray_address():
     """A local Ray with 2 CPUs shared by every test; its GCS address lets subprocesses join."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    if not ray.is_initialized():  # "local": a new cluster, never one another process started here
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

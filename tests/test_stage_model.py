@@ -85,3 +85,20 @@ def test_an_output_inside_its_input_is_refused(tmp_path):
             run_stage(KeepEvenStage(), raw, str(output), _cfg(), quiet=True)
     with pytest.raises(OutputConflict, match="overlap"):  # nor an input inside its output
         run_stage(KeepEvenStage(), raw, str(tmp_path), _cfg(), quiet=True)
+
+
+def test_a_rerun_removes_an_uncommitted_retry_generation(tmp_path):
+    """An `ovpipe retry` killed between writing a shard's next generation and committing it leaves
+    files no entry names; the next run of the stage removes them, so data/ holds the kept rows once."""
+    raw = _input(tmp_path / "in", a=[0, 1, 2], b=[3, 4])
+    out = tmp_path / "out"
+    run_stage(KeepEvenStage(), raw, str(out), _cfg(), quiet=True)
+    before = pq.read_table(out / "data").num_rows
+    stray = [out / "data" / "a.retry1.parquet", out / "_ledger" / "a.retry1.parquet"]
+    stray[0].write_bytes((out / "data" / "a.parquet").read_bytes())
+    stray[1].write_bytes((out / "_ledger" / "a.parquet").read_bytes())
+    assert pq.read_table(out / "data").num_rows > before  # a dataset reader would count a's rows twice
+    again = run_stage(KeepEvenStage(), raw, str(out), _cfg(), quiet=True)
+    assert again.shards_skipped == again.shards == 2
+    assert not any(p.exists() for p in stray)
+    assert pq.read_table(out / "data").num_rows == before

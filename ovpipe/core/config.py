@@ -63,7 +63,8 @@ class RunSection(Section):
 class RaySection(Section):
     """How to reach Ray. RAY_ADDRESS in the environment wins over `address`."""
 
-    address: str = Field("", description="Ray address; empty = start a local Ray on this node.")
+    address: str = Field("", description="Ray address ('auto' = the cluster `ray start` runs on this node); "
+                                         "empty = start a local Ray of this run's own.")
     num_cpus: int = Field(0, ge=0, description="CPUs for a local Ray; 0 = all of this machine's.")
 
 

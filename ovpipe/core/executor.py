@@ -32,8 +32,9 @@ def ensure_ray(cfg: Any) -> None:
         faults = {k: v for k, v in os.environ.items() if k.startswith("OVPIPE_FAULT_")}
         extra = {"runtime_env": {"env_vars": faults}} if faults else {}
         ray.init(address=address, logging_level=logging.WARNING, **extra)
-    else:
+    else:  # a Ray of this run's own: never a cluster found by chance (a stale /tmp/ray file hangs)
         ray.init(
+            address="local",
             num_cpus=cfg.ray.num_cpus or None,
             include_dashboard=False,
             logging_level=logging.WARNING,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import sys
 import time
 import traceback
@@ -309,6 +310,7 @@ def run_pass(p: Pass, ctx: PassContext, *, overwrite: bool = False, quiet: bool 
     open_output(ctx.output, pass_payload(p, ctx.cfg, global_state), digest, replace=overwrite, keep=keep,
                 stage=ctx.stage, recorded={"input": ctx.input.uri(), "config": _recorded_config(ctx.cfg)})
     done = read_manifest_entries(ctx.output)
+    delete_uncommitted_generations(ctx.output, done)
     before = dict(done)
     gone = sorted(set(done) - {t.shard for t in tasks})
     if gone:
@@ -338,7 +340,8 @@ def run_pass(p: Pass, ctx: PassContext, *, overwrite: bool = False, quiet: bool 
         lines = "\n".join(f"  {name}: {err}" for name, err in sorted(failed.items())[:20])
         raise RuntimeError(
             f"{p.name}: {len(failed)} of {len(tasks)} shards failed (the others are committed; "
-            f"re-run the same command to retry only the failed ones):\n{lines}"
+            f"re-running the same command redoes only these, so fix the cause first unless it "
+            f"was transient):\n{lines}"
         )
     check_accounting(summary, ctx.output, entries)
     if ctx.output != ctx.stage_output:  # the stage's own folder gets the stage summary, once it adds up
@@ -610,6 +613,19 @@ def delete_replaced_files(out: Location, old: dict[str, Any], new: dict[str, Any
     for key in ("output", "ledger"):
         if old.get(key) and old[key] not in (new.get("output"), new.get("ledger")):
             out.join(old[key]).delete_if_exists()
+
+
+_GENERATION = re.compile(r"\.retry\d+\.parquet$")
+
+
+def delete_uncommitted_generations(folder: Location, entries: dict[str, dict[str, Any]]) -> None:
+    """Files of a retry generation that no entry names: an `ovpipe retry` killed before its commit
+    left them (a dataset reader of data/ would otherwise see those rows twice)."""
+    named = {folder.join(e[k]).path for e in entries.values() for k in ("output", "ledger") if e.get(k)}
+    for sub in (DATA_DIR, LEDGER_DIR):
+        for f in folder.join(sub).list_files((".parquet",), recursive=False):
+            if _GENERATION.search(f.path) and f.path not in named:
+                f.delete_if_exists()
 
 
 def record_result(name: str, result: dict[str, Any], failed: dict[str, str], progress: Progress) -> None:
