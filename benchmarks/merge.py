@@ -102,24 +102,112 @@ def polars_dedup(root: Path) -> tuple[set, float]:
     return result, seconds
 
 
-def ovpipe_merge(root: Path, out: Path, workers: int) -> tuple[set, float, dict]:
+def polars_child(root: Path, dest: Path) -> None:
+    """--polars-child: the alternative in a fresh process, so its peak RSS is its own."""
+    import pickle
+    import resource
+
+    result, seconds = polars_dedup(root)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    dest.write_bytes(pickle.dumps((result, seconds, rss_mb)))
+
+
+def polars_run(root: Path, tmp: Path) -> tuple[set, float, float]:
+    """(result set, seconds, peak RSS in MB) of polars_dedup run in its own process."""
+    import pickle
+    import subprocess
+
+    dest = tmp / "polars.pickle"
+    subprocess.run([sys.executable, __file__, "--polars-child", str(root), str(dest)], check=True)
+    out = pickle.loads(dest.read_bytes())
+    dest.unlink()
+    return out
+
+
+class RssSampler:
+    """Peak RSS (MB), sampled every 0.2 s from /proc, of this process's descendants (the Ray
+    cluster it started: raylet, GCS, workers; not other users' Ray processes on the machine): of
+    the largest one, and of all of them plus this process (the driver, reported apart: it also
+    holds the benchmark's own input generation and result sets)."""
+
+    def __init__(self):
+        import threading
+
+        self.max_one = self.max_total = self.max_driver = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _tree() -> list[str]:
+        parent = {}
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit():
+                    parent[pid] = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+        tree, grew = {str(os.getpid())}, True
+        while grew:
+            more = {p for p, pp in parent.items() if pp in tree} - tree
+            tree |= more
+            grew = bool(more)
+        return sorted(tree)
+
+    def _run(self):
+        me = str(os.getpid())
+        while not self._stop.is_set():
+            sizes, driver = [], 0.0
+            for pid in self._tree():
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            mb = int(line.split()[1]) / 1024
+                            if pid == me:
+                                driver = mb
+                            else:
+                                sizes.append(mb)
+                except OSError:
+                    continue
+            self.max_driver = max(self.max_driver, driver)
+            if sizes:  # the largest is what a process's memory bound is about (the driver holds manifests)
+                self.max_one, self.max_total = max(self.max_one, max(sizes)), max(self.max_total, sum(sizes) + driver)
+            self._stop.wait(0.2)
+
+
+def partitions_for(rows: int) -> int:
+    """Shuffle partitions grow with the data (as a cluster run sets them), so one reduce task's
+    share, and with it a process's memory, stays the same at every size."""
+    return max(4, rows // 62_500)
+
+
+def ovpipe_merge(root: Path, out: Path, workers: int) -> tuple[set, float, dict, RssSampler]:
     from curation.merge import MergeStage, normalise_text
     from ovpipe.config import load_config
     from ovpipe.core.shards import Location, list_input_shards
 
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in root.rglob("*.parquet"))
     cfg = load_config(overrides=[
         "merge.sources=" + json.dumps([f"src{k}={root / f'src{k}'}" for k in (0, 1)]),
-        "merge.count_tokens=false", "merge.plot=false", f"merge.partitions={max(4, 4 * workers)}",
-        f"run.workers={workers}", "run.progress_interval_s=30"])
+        "merge.count_tokens=false", "merge.plot=false", f"merge.partitions={partitions_for(rows)}",
+        f"merge.image_partitions={partitions_for(rows)}", f"run.workers={workers}", "run.progress_interval_s=30"])
     start = time.perf_counter()
-    summary = MergeStage().run(None, str(out), cfg, quiet=True)
+    with RssSampler() as rss:
+        summary = MergeStage().run(None, str(out), cfg, quiet=True)
     seconds = time.perf_counter() - start
     result = set()
     for shard in list_input_shards(Location.parse(str(out))):
         t = pq.read_table(shard.path, columns=["source", "image_ids", "conversations"])
         for s, ids, conv in zip(*(t.column(c).to_pylist() for c in ("source", "image_ids", "conversations"))):
             result.add((s, ids[0], normalise_text(conv[0]["value"])))
-    return result, seconds, summary.to_json()
+    return result, seconds, summary.to_json(), rss
 
 
 def save_report(result: dict) -> None:
@@ -131,20 +219,31 @@ def save_report(result: dict) -> None:
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     (out / "merge.json").write_text(json.dumps(result, indent=2) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, (ax, mem) = plt.subplots(1, 2, figsize=(10, 3.6))
     sizes = [r["rows"] for r in result["sizes"]]
     ax.plot(sizes, [r["ovpipe_seconds"] for r in result["sizes"]], "o-",
             label=f"ovpipe merge ({result['workers']} Ray workers)")
     ax.plot(sizes, [r["polars_seconds"] for r in result["sizes"]], "s-", label="polars group-by (1 process)")
     ax.set_xlabel("conversation rows")
     ax.set_ylabel("seconds (median)")
-    ax.set_title(f"merge + dedup: ovpipe / polars = {result['headline_ratio']} at {sizes[-1]:,} rows", fontsize=9)
+    ax.set_title(f"time: ovpipe / polars = {result['headline_ratio']} at {sizes[-1]:,} rows", fontsize=9)
     ax.legend(fontsize=8)
+    mem.plot(sizes, [r["ovpipe_peak_rss_mb_largest_worker"] for r in result["sizes"]], "o-",
+             label="ovpipe: largest worker process (partitions grow with rows)")
+    mem.plot(sizes, [r["polars_peak_rss_mb"] for r in result["sizes"]], "s-", label="polars: its one process")
+    mem.set_xlabel("conversation rows")
+    mem.set_ylabel("peak RSS (MB)")
+    mem.set_ylim(bottom=0)
+    mem.set_title("memory of one process", fontsize=9)
+    mem.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "merge.png", dpi=120)
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--polars-child":
+        polars_child(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=250_000)
@@ -156,7 +255,7 @@ def main() -> None:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="WARNING")
     ray.get([ray.remote(lambda: None).remote() for _ in range(args.workers)])
     startup = time.perf_counter() - t0
     tmp = Path(tempfile.mkdtemp(prefix="ovpipe-bench-merge-"))
@@ -167,19 +266,33 @@ def main() -> None:
             t = time.perf_counter()
             make_input(data, rows, args.seed)
             print(f"made {rows:,} rows in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-            ov, po = [], []
+            ov, po, rss_one, rss_all, rss_driver, rss_polars = [], [], [], [], [], []
             for k in range(args.repeats):  # A/B/A/B
-                got, s, summary = ovpipe_merge(data, tmp / f"out-{rows}-{k}", args.workers)
+                got, s, summary, rss = ovpipe_merge(data, tmp / f"out-{rows}-{k}", args.workers)
                 ov.append(s)
-                want, p = polars_dedup(data)
+                rss_one.append(rss.max_one)
+                rss_all.append(rss.max_total)
+                rss_driver.append(rss.max_driver)
+                want, p, prss = polars_run(data, tmp)
                 po.append(p)
+                rss_polars.append(prss)
                 assert got == want, f"result sets differ: {len(got ^ want)} triples"
                 shutil.rmtree(tmp / f"out-{rows}-{k}", ignore_errors=True)
-                print(f"{rows:,} rows, round {k}: ovpipe {s:.1f}s, polars {p:.1f}s, kept {len(got):,}", file=sys.stderr)
-            sizes.append({"rows": rows, "kept": len(got), "ovpipe_seconds": round(statistics.median(ov), 2),
+                kept = len(got)
+                del got, want  # not held by the driver through the next round
+                print(f"{rows:,} rows, round {k}: ovpipe {s:.1f}s (peak RSS {rss.max_one:.0f} MB largest worker, "
+                      f"{rss.max_driver:.0f} MB driver, {rss.max_total:.0f} MB all), polars {p:.1f}s ({prss:.0f} MB), "
+                      f"kept {kept:,}", file=sys.stderr)
+            sizes.append({"rows": rows, "kept": kept, "partitions": partitions_for(rows),
+                          "ovpipe_seconds": round(statistics.median(ov), 2),
                           "polars_seconds": round(statistics.median(po), 2),
                           "ratio": round(statistics.median(o / p for o, p in zip(ov, po)), 3),
                           "ovpipe_rows_per_s": round(rows / statistics.median(ov), 1),
+                          "polars_rows_per_s": round(rows / statistics.median(po), 1),
+                          "ovpipe_peak_rss_mb_largest_worker": round(max(rss_one)),
+                          "ovpipe_peak_rss_mb_driver": round(max(rss_driver)),
+                          "ovpipe_peak_rss_mb_all_processes": round(max(rss_all)),
+                          "polars_peak_rss_mb": round(max(rss_polars)),
                           "dropped_by_reason": summary["dropped_by_reason"]})
             shutil.rmtree(data, ignore_errors=True)
     finally:
@@ -197,7 +310,11 @@ def main() -> None:
         "ovpipe_growth": round(big["ovpipe_seconds"] / small["ovpipe_seconds"], 3),
         "polars_growth": round(big["polars_seconds"] / small["polars_seconds"], 3),
         "rows_growth": growth,
+        "ovpipe_rss_growth": round(big["ovpipe_peak_rss_mb_largest_worker"]
+                                   / small["ovpipe_peak_rss_mb_largest_worker"], 3),
+        "polars_rss_growth": round(big["polars_peak_rss_mb"] / small["polars_peak_rss_mb"], 3),
         "ray_startup_seconds": round(startup, 2),
+        "ovpipe_over_polars_rows_per_s": round(1 / big["ratio"], 4),
         "headline_ratio": big["ratio"],
         "headline": "ovpipe seconds / polars seconds at the larger size (lower is better)",
     }

@@ -46,6 +46,8 @@ killed and resumed, write the same output.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import unicodedata
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -53,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import xxhash
 
 from curation.caption_filter import band_keys, exact_duplicates, jaccard_estimate, minhash, near_duplicate_candidates
@@ -62,6 +65,7 @@ from curation.merge_readers import (
     Limits,
     Source,
     list_source_files,
+    normalise_source,
     parse_source,
     read_records,
     resolve_sources,
@@ -70,7 +74,17 @@ from ovpipe.core.config import config_hash
 from ovpipe.core.hashing import seeded_mix, splitmix64
 from ovpipe.core.images import MAX_SOURCE_PIXELS, BadImage, probe_image
 from ovpipe.core.ledger import Ledger
-from ovpipe.core.shards import Location, concat_or_empty, read_table, shard_name_for, write_table
+from ovpipe.core.shards import (
+    MANIFEST_DIR,
+    PARQUET_WRITE_OPTIONS,
+    Location,
+    concat_or_empty,
+    read_manifest_entries,
+    read_table,
+    shard_name_for,
+    write_json,
+    write_table,
+)
 from ovpipe.core.stage import (
     OutputConflict,
     Pass,
@@ -88,11 +102,15 @@ from ovpipe.core.stage import (
 if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
     from ovpipe.config import Config
 
-MAP_DIR, PARTS_DIR, DEDUP_DIR = "_map", "_parts", "_dedup"
+MAP_DIR, PARTS_DIR, DEDUP_DIR, ROWS_DIR = "_map", "_parts", "_dedup", "_rows"
 IMAGES_DIR, IMAGE_PARTS_DIR = "images", "_images"  # the image store; the map pass's image files
 IMAGE_ROW_GROUP = 64  # images per row group of the store: a reader's id filter skips the others
+# What one map task buffers before appending to its partition files (the bound on its memory).
+MAP_FLUSH_ROWS, MAP_FLUSH_BYTES, MAP_SEEN_IMAGES = 8192, 64 << 20, 1 << 20
 REPORT_FILE, PLOT_FILE = "merge_report.json", "merge_report.png"
+REMOVED_FILE = "_intermediates_removed.json"  # in _map/_manifest/: the stage removed its intermediates
 CJK = ("\u3400", "\u9fff")
+_quote = json.encoder.encode_basestring  # json.dumps(s, ensure_ascii=False) of a str, in C
 
 TURN = pa.struct([pa.field("from", pa.string()), pa.field("value", pa.string())])
 MERGED_SCHEMA = pa.schema(
@@ -117,6 +135,7 @@ _HELPERS = [
     pa.field("partition", pa.int32(), nullable=False),
 ]
 SHUFFLE_SCHEMA = pa.schema([f for f in MERGED_SCHEMA if f.name not in ("repeats", "copy")] + _HELPERS)
+IMAGE_IDS_AT = SHUFFLE_SCHEMA.names.index("image_ids")  # _shuffle_row returns SHUFFLE_SCHEMA's order
 INDEX_COLUMNS = ["sample_id", "partition", "source", "category", "length_tokens"]
 IMAGE_SCHEMA = pa.schema([  # OUT/images/ (and the map pass's image files): each image once
     pa.field("image_id", pa.string(), nullable=False),  # xxh3-64 hex of the bytes (16 characters)
@@ -137,21 +156,31 @@ def sample_keys(turns: list[dict[str, str]], image_ids: list[str]) -> tuple[int,
     """(image_key, question_key, exact_key): the ordered image hashes; + the user turns; + every
     turn (system turns left out: they are boilerplate, not content)."""
     image_key = xxhash.xxh3_64_intdigest("\x1f".join(image_ids).encode())
-    body = [(t["from"], normalise_text(t["value"])) for t in turns if t["from"] != "system"]
     head = f"{image_key:016x}\x1d"
-    question = head + "\x1e".join(v for r, v in body if r == "human")
-    exact = head + json.dumps(body, ensure_ascii=False)
+    # Separators are control characters normalise_text never leaves in a turn (it splits on
+    # white space, which they are): the joined strings are unambiguous without JSON encoding.
+    human = [normalise_text(t["value"]) for t in turns if t["from"] == "human"]
+    body = [f"{t['from']}\x1f{normalise_text(t['value'])}" for t in turns if t["from"] == "gpt"]
+    question = head + "\x1e".join(human)
+    exact = question + "\x1d" + "\x1e".join(body)
     return image_key, xxhash.xxh3_64_intdigest(question.encode()), xxhash.xxh3_64_intdigest(exact.encode())
 
 
-def sample_identity(turns: list[dict[str, str]], images: list[bytes]) -> tuple[str, int]:
-    """(sample_id, sample_hash) of the conversation as written plus its images: the same id
-    ``ovpipe pack`` computes for the row."""
-    canonical = json.dumps(turns, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    digest = xxhash.xxh3_64(canonical.encode("utf-8"))
-    for b in images:
-        digest.update(xxhash.xxh3_64_digest(b))
+def sample_identity(turns: list[dict[str, str]], image_ids: list[str]) -> tuple[str, int]:
+    """(sample_id, sample_hash) of the conversation as written plus its images (by their ids, the
+    xxh3-64 hex of the bytes, so no image is hashed twice): the same id ``ovpipe pack`` computes
+    for the row."""
+    digest = xxhash.xxh3_64(canonical_json(turns).encode("utf-8") + bytes.fromhex("".join(image_ids)))
     return digest.hexdigest(), digest.intdigest()
+
+
+def canonical_json(turns: list[dict[str, str]]) -> str:
+    """json.dumps(turns, ensure_ascii=False, sort_keys=True, separators=(",", ":")), written
+    directly for the usual turn (exactly the keys 'from' and 'value', text values): a third of the
+    time per sample; anything else goes through json.dumps."""
+    if all(len(t) == 2 and type(t.get("from")) is str and type(t.get("value")) is str for t in turns):
+        return "[" + ",".join(f'{{"from":{_quote(t["from"])},"value":{_quote(t["value"])}}}' for t in turns) + "]"
+    return json.dumps(turns, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
 def image_partitions(ids: list[str], n: int) -> np.ndarray:
@@ -169,6 +198,7 @@ def with_sources(input: Any, cfg: Config) -> Config:
         sources = [input] if isinstance(input, str) else list(input)
     if not sources:
         raise ValueError("merge needs sources: --input NAME=PATH (repeatable) or merge.sources in the config")
+    sources = [normalise_source(s) for s in sources]  # model_copy does not validate
     return cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"sources": sources})})
 
 
@@ -180,7 +210,7 @@ class MergeMapPass(Pass):
 
     name = "merge"  # also the ledger's stage
     config_sections = ("merge", "pack", "run")  # pack: the length rule of the token counts
-    schema_version = 2  # 2: images in _images/, not inline in the shuffle rows
+    schema_version = 3  # 2: images in _images/, not inline in the shuffle rows; 3: streamed, empty index
     folder = MAP_DIR
 
     def __init__(self) -> None:
@@ -205,6 +235,7 @@ class MergeMapPass(Pass):
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         self._partitions, self._image_partitions = ctx.cfg.merge.partitions, ctx.cfg.merge.image_partitions
+        forget_if_removed(ctx.output, shards)  # here, not in list_shards: preflight lists shards too
         return {"sources": {s.name: [s.root.uri(), s.rank] for s in self.sources.values()}}
 
     def process(self, task: ShardTask) -> ShardOutput:
@@ -214,11 +245,10 @@ class MergeMapPass(Pass):
         root = Location.parse(src.image_root) if src.image_root else Location(task.input.fs, _dirname(task.input.path))
         counter = _TokenCounter(cfg) if m.count_tokens else None
         ledger = Ledger(self.name)
-        rows: dict[str, list] = {f.name: [] for f in SHUFFLE_SCHEMA}
+        out = _MapWriter(task)
         seen: dict[str, Any] = {}  # image id -> (height, width) or BadImage
-        images: dict[str, bytes] = {}  # image id -> bytes, of the valid samples: each image once
-        n = 0
-        for rec in read_records(task.input, root, limits):
+        n = valid = 0
+        for rec in read_records(task.input, root, limits):  # streamed: one record at a time
             n += 1
             try:
                 if rec.error is not None:
@@ -227,17 +257,14 @@ class MergeMapPass(Pass):
             except Bad as e:
                 ledger.drop(rec.locator, e.reason, e.detail)
                 continue
-            images.update(zip(row["image_ids"], rec.images))
-            for k in rows:
-                rows[k].append(row[k])
-        table = pa.Table.from_pydict(rows, schema=SHUFFLE_SCHEMA)
-        part = np.asarray(table.column("partition"))
-        written = sorted(set(part.tolist()))
-        for p in written:  # the shuffle's map output: one file per non-empty partition
-            write_table(task.output_root.join(PARTS_DIR, task.shard, f"p-{p:05d}.parquet"),
-                        table.filter(pa.array(part == p)))
-        return ShardOutput(table.select(INDEX_COLUMNS), ledger, n, stats={
-            "partitions": written, "source": src.name, "image_partitions": self._write_images(task, images)})
+            valid += 1
+            out.add(row, rec.images)
+        written, image_written = out.close()
+        # The data shard is an empty index: the samples are in the partition files, which the
+        # stage removes once it has committed (merge.keep_intermediates); the entry counts them.
+        return ShardOutput(pa.table({c: pa.array([], SHUFFLE_SCHEMA.field(c).type) for c in INDEX_COLUMNS}),
+                           ledger, n, kept_samples=valid, stats={
+                               "partitions": written, "source": src.name, "image_partitions": image_written})
 
     def process_rows(self, task: ShardTask, rows: list[int]) -> ShardOutput:
         # A source file's records are not self-contained Parquet rows (JSON, images beside it), and
@@ -245,18 +272,106 @@ class MergeMapPass(Pass):
         raise ValueError("merge: `ovpipe retry` cannot redo single merge records; fix the source (e.g. put the "
                          "missing images back) and run `ovpipe merge` again with --overwrite")
 
-    @staticmethod
-    def _write_images(task: ShardTask, images: dict[str, bytes]) -> list[int]:
-        """This shard's images, each once, into their image-store partitions (sorted by id);
-        returns the partitions written."""
-        ids = sorted(images)
-        table = pa.Table.from_pydict({"image_id": ids, "bytes": [images[i] for i in ids]}, schema=IMAGE_SCHEMA)
-        part = image_partitions(ids, task.config.merge.image_partitions)
-        written = sorted(set(part.tolist()))
-        for p in written:
-            write_table(task.output_root.join(IMAGE_PARTS_DIR, task.shard, f"i-{p:05d}.parquet"),
-                        table.filter(pa.array(part == p)), IMAGE_ROW_GROUP)
-        return written
+
+class _MapWriter:
+    """The map task's output, written as it is read: at most MAP_FLUSH_ROWS samples and
+    MAP_FLUSH_BYTES of images are buffered, then appended as row groups to one Parquet file per
+    shuffle partition (``_parts/<shard>/p-XXXXX.parquet``) and per image partition
+    (``_images/<shard>/i-XXXXX.parquet``, each image once per shard while the shard's set of
+    written ids stays under MAP_SEEN_IMAGES; merge_images removes any later repeat)."""
+
+    def __init__(self, task: ShardTask):
+        self.task, self.m = task, task.config.merge
+        self.rows: list[tuple] = []  # SHUFFLE_SCHEMA order
+        self.images: dict[str, bytes] = {}
+        self.image_bytes = 0
+        self.written: set[str] = set()  # image ids this shard has written (bounded)
+        self.parts = _PartitionFiles(task.output_root.join(PARTS_DIR, task.shard), "p", SHUFFLE_SCHEMA)
+        self.image_parts = _PartitionFiles(task.output_root.join(IMAGE_PARTS_DIR, task.shard), "i", IMAGE_SCHEMA)
+
+    def add(self, row: tuple, images: list[bytes]) -> None:
+        self.rows.append(row)
+        for i, b in zip(row[IMAGE_IDS_AT], images):
+            if i not in self.written:
+                self.written.add(i)
+                self.images[i] = b
+                self.image_bytes += len(b)
+        if len(self.written) > MAP_SEEN_IMAGES:
+            self.written.clear()
+        if len(self.rows) >= MAP_FLUSH_ROWS:
+            self._flush_rows()
+        if self.image_bytes >= MAP_FLUSH_BYTES:
+            self._flush_images()
+
+    def _flush_rows(self) -> None:
+        table = pa.Table.from_pydict(dict(zip(SHUFFLE_SCHEMA.names, zip(*self.rows) if self.rows else
+                                              [[]] * len(SHUFFLE_SCHEMA))), schema=SHUFFLE_SCHEMA)
+        self.parts.append(table, np.asarray(table.column("partition")))
+        self.rows = []
+
+    def _flush_images(self) -> None:
+        ids = sorted(self.images)
+        table = pa.Table.from_pydict({"image_id": ids, "bytes": [self.images[i] for i in ids]}, schema=IMAGE_SCHEMA)
+        self.image_parts.append(table, image_partitions(ids, self.m.image_partitions))
+        self.images, self.image_bytes = {}, 0
+
+    def close(self) -> tuple[list[int], list[int]]:
+        """The partitions written (shuffle, image store)."""
+        self._flush_rows()
+        self._flush_images()
+        return self.parts.close(), self.image_parts.close()
+
+
+class _PartitionFiles:
+    """One Parquet file per partition, appended to in row groups, each written under a temporary
+    name and renamed when closed (a task killed part-way leaves no file that looks complete)."""
+
+    def __init__(self, folder: Location, prefix: str, schema: pa.Schema):
+        self.folder, self.prefix, self.schema = folder, prefix, schema
+        self.open: dict[int, tuple[Any, pq.ParquetWriter, Location]] = {}
+
+    def append(self, table: pa.Table, partition: np.ndarray) -> None:
+        for p in np.unique(partition).tolist():
+            if p not in self.open:
+                final = self.folder.join(f"{self.prefix}-{p:05d}.parquet")
+                tmp = self.folder.join(f".{self.prefix}-{p:05d}.parquet.tmp")
+                self.folder.mkdir()
+                stream = self.folder.fs.open_output_stream(tmp.path)
+                options = {k: v for k, v in PARQUET_WRITE_OPTIONS.items() if k != "row_group_size"}
+                self.open[p] = (stream, pq.ParquetWriter(stream, self.schema, **options), final)
+            self.open[p][1].write_table(table.filter(pa.array(partition == p)))
+
+    def close(self) -> list[int]:
+        for p, (stream, writer, final) in sorted(self.open.items()):
+            writer.close()
+            stream.close()
+            self.folder.fs.move(self.folder.join(f".{self.prefix}-{p:05d}.parquet.tmp").path, final.path)
+        return sorted(self.open)
+
+
+def forget_if_removed(out: Location, shards: list[Shard]) -> None:
+    """When the stage removed its intermediates after committing (remove_intermediates) and the
+    sources changed since (a file added, removed or rewritten), every reduce partition is redone and
+    needs every map shard's partition files: the map's committed entries are forgotten, so all of
+    it is redone. Unchanged sources: nothing is redone."""
+    marker = out.join(MANIFEST_DIR, REMOVED_FILE)
+    if not marker.exists():
+        return
+    done = read_manifest_entries(out)
+    if {s.name: s.stamp for s in shards} == {k: e.get("input_stamp") for k, e in done.items()}:
+        return
+    for name in done:
+        out.join(MANIFEST_DIR, f"{name}.json").delete_if_exists()
+    marker.delete_if_exists()
+
+
+def remove_intermediates(out: Location) -> None:
+    """After the stage committed: delete the shuffle's partition files and the staged dedup
+    partitions (the bulk of the intermediates); the passes' manifests, ledgers and (empty)
+    index shards stay, so the run stays complete and resumable. A marker tells the next run."""
+    for folder in (out.join(MAP_DIR, PARTS_DIR), out.join(MAP_DIR, IMAGE_PARTS_DIR), out.join(DEDUP_DIR, ROWS_DIR)):
+        folder.delete_tree()
+    write_json(out.join(MAP_DIR, MANIFEST_DIR, REMOVED_FILE), {"removed": [PARTS_DIR, IMAGE_PARTS_DIR, ROWS_DIR]})
 
 
 def _dirname(path: str) -> str:
@@ -295,7 +410,7 @@ def _probe(data: bytes, image_id: str, m, seen: dict[str, Any]) -> tuple[int, in
     return found
 
 
-def _shuffle_row(rec, src: Source, m, counter: _TokenCounter | None, seen: dict[str, Any]) -> dict[str, Any]:
+def _shuffle_row(rec, src: Source, m, counter: _TokenCounter | None, seen: dict[str, Any]) -> tuple:
     image_ids = [xxhash.xxh3_64_hexdigest(b) for b in rec.images]
     sizes = []
     for i, (data, image_id) in enumerate(zip(rec.images, image_ids)):
@@ -304,18 +419,14 @@ def _shuffle_row(rec, src: Source, m, counter: _TokenCounter | None, seen: dict[
         except BadImage as e:
             raise Bad(e.reason, f"image {i}: {e.detail}") from None
     image_key, question_key, exact_key = sample_keys(rec.turns, image_ids)
-    sample_id, sample_hash = sample_identity(rec.turns, rec.images)
+    sample_id, sample_hash = sample_identity(rec.turns, image_ids)
     try:
         tokens = counter(rec.turns, sizes) if counter else 0
     except ValueError as e:  # an image the resize rule refuses (extreme aspect ratio)
         raise Bad("bad_image_size", str(e)[:300]) from None
     partition = (image_key if image_ids else question_key) % m.partitions
-    return {"sample_id": sample_id, "source": src.name,
-            "category": rec.category or m.categories.get(src.name, src.name),
-            "conversations": rec.turns, "image_ids": image_ids, "origin": rec.locator,
-            "length_tokens": tokens, "source_rank": src.rank, "sample_hash": sample_hash,
-            "image_key": image_key, "question_key": question_key, "exact_key": exact_key,
-            "partition": partition}
+    return (sample_id, src.name, rec.category or m.categories.get(src.name, src.name), rec.turns, image_ids,
+            rec.locator, tokens, src.rank, sample_hash, image_key, question_key, exact_key, partition)
 
 
 # ------------------------------------------------------------------------------ pass 2: reduce
@@ -333,13 +444,16 @@ class MergeDedupPass(Pass):
 
     name = "merge_dedup"
     config_sections = ("merge", "pack", "run")
-    schema_version = 2  # 2: no image bytes
+    schema_version = 3  # 2: no image bytes; 3: survivors staged in _rows/, empty index
     reads = MergeMapPass.name
     folder = DEDUP_DIR
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
         stamp = map_digest(ctx.done[self.reads].entries)
         return [Shard(f"part-{p:05d}", None, stamp, p) for p in range(ctx.cfg.merge.partitions)]
+
+    def shard_files(self, shard: str) -> list[str]:
+        return [f"{ROWS_DIR}/{shard}.parquet"]
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         self.parts: dict[int, list[str]] = {}
@@ -366,7 +480,11 @@ class MergeDedupPass(Pass):
             ledger.drop(origins[i], reason, f"kept sample {ids[winner]} of source {sources[winner]} "
                         f"({origins[winner]}){detail}", ids[i])
         out = table.filter(pa.array(keep))
-        return ShardOutput(out, ledger, table.num_rows, stats={
+        # The survivors are staged in _rows/ (an intermediate, removed once the stage has committed);
+        # the data shard is an empty index, so the committed entries stay valid without them.
+        write_table(task.output_root.join(self.shard_files(task.shard)[0]), out)
+        return ShardOutput(out.slice(0, 0).select(INDEX_COLUMNS), ledger, table.num_rows,
+                           kept_samples=out.num_rows, stats={
             "in": group_counts(table), "out": group_counts(out),
             "lost_by_source": {k: dict(sorted(v.items())) for k, v in sorted(by_source.items())}})
 
@@ -474,7 +592,8 @@ class MergeMixPass(Pass):
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
         entries = ctx.done[self.reads].entries
-        return [Shard(name, ctx.input.join(e["output"]), f"{e['kept_rows']}:{e['config_hash']}:{e.get('input_stamp')}")
+        return [Shard(name, ctx.input.join(ROWS_DIR, f"{name}.parquet"),
+                      f"{e['kept_rows']}:{e['config_hash']}:{e.get('input_stamp')}")
                 for name, e in sorted(entries.items())]
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
@@ -515,7 +634,7 @@ class MergeImagesPass(Pass):
 
     name = "merge_images"
     config_sections = ("merge", "pack", "run")
-    schema_version = 1
+    schema_version = 2  # 2: bucket-sorted from streamed map files
     reads = MergeMixPass.name
     folder = IMAGES_DIR
     counts_samples = False
@@ -536,29 +655,96 @@ class MergeImagesPass(Pass):
         return {}
 
     def process(self, task: ShardTask) -> ShardOutput:
-        n, p = task.config.merge.image_partitions, task.index
-        wanted: set[str] = set()
-        references = 0
-        for loc in self.rows:  # the ids this partition must hold (one column: small)
-            ids = pc.list_flatten(read_table(loc, ["image_ids"]).column("image_ids")).to_pylist()
-            mine = image_partitions(ids, n) == p
-            references += int(mine.sum())
-            wanted.update(i for i, m in zip(ids, mine.tolist()) if m)
-        found, left = [], wanted
-        for loc in self.parts.get(p, []):  # each id taken from the first map shard that has it
-            if not left:
-                break
-            t = read_table(loc)
-            t = t.filter(pc.is_in(t.column("image_id"), pa.array(sorted(left), pa.string())))
-            found.append(t)
-            left = left - set(t.column("image_id").to_pylist())
-        if left:
-            raise RuntimeError(f"merge_images: {len(left)} image ids of partition {p} are in no map shard's "
-                               f"image files (e.g. {sorted(left)[0]}); re-run with --overwrite")
-        table = concat_or_empty(found, IMAGE_SCHEMA)
-        table = table.take(pc.sort_indices(table, [("image_id", "ascending")]))
+        m, p = task.config.merge, task.index
+        wanted, references = self._wanted(p, m.image_partitions)
+        files = self.parts.get(p, [])
+        size = sum(_parquet_bytes(f) for f in files)
+        buckets = max(1, -(-size // m.image_batch_bytes))
+        with tempfile.TemporaryDirectory(prefix="ovpipe-merge-images-") as tmp:
+            spill = _Buckets(tmp, buckets)
+            for loc in files:  # pass 1: the wanted images, spilled to id-range buckets on local disk
+                with loc.fs.open_input_file(loc.path) as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=IMAGE_ROW_GROUP * 4):
+                        ids = _id_values(batch.column(0))
+                        spill.add(batch.filter(pa.array(_member(ids, wanted))), ids[_member(ids, wanted)])
+            table, found = spill.merge(os.path.join(tmp, "out.arrow"))  # pass 2: per bucket, sorted, once
+        if found < len(wanted):
+            raise RuntimeError(f"merge_images: {len(wanted) - found} image ids of partition {p} are in no map "
+                               "shard's image files; re-run with --overwrite")
         return ShardOutput(table, Ledger(self.name), table.num_rows, row_group_size=IMAGE_ROW_GROUP,
-                           stats={"partition": p, "partitions": n, "references": references})
+                           stats={"partition": p, "partitions": m.image_partitions, "references": references,
+                                  "spill_buckets": buckets})
+
+    def _wanted(self, p: int, n: int) -> tuple[np.ndarray, int]:
+        """The sorted distinct ids (as uint64) of partition p that the output's rows name; and how
+        many references to them the rows hold. Read one data shard's image_ids column at a time."""
+        found, references = [], 0
+        for loc in self.rows:
+            ids = _id_values(pc.list_flatten(read_table(loc, ["image_ids"]).column("image_ids")))
+            mine = ids[ids % np.uint64(n) == np.uint64(p)]
+            references += len(mine)
+            found.append(np.unique(mine))
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.uint64), references
+
+
+def _id_values(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Image ids (16 hex characters) as uint64 values."""
+    return np.frombuffer(bytes.fromhex("".join(ids.to_pylist())), ">u8").astype(np.uint64)
+
+
+def _member(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    where = np.searchsorted(wanted, ids).clip(max=max(len(wanted) - 1, 0))
+    return (wanted[where] == ids) if len(wanted) else np.zeros(len(ids), bool)
+
+
+def _parquet_bytes(loc: Location) -> int:
+    with loc.fs.open_input_file(loc.path) as f:
+        meta = pq.ParquetFile(f).metadata
+        return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
+class _Buckets:
+    """External bucket sort of one image partition: images go to the bucket of their id range
+    (bucket order = id order), each bucket (~merge.image_batch_bytes) is then sorted alone. Holds
+    one batch while spilling, one bucket while merging."""
+
+    def __init__(self, folder: str, n: int):
+        self.folder, self.n = folder, n
+        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+
+    def _path(self, b: int) -> str:
+        return os.path.join(self.folder, f"b-{b:05d}.arrow")
+
+    def add(self, batch: pa.RecordBatch, ids: np.ndarray) -> None:
+        bucket = ((ids >> np.uint64(32)) * np.uint64(self.n)) >> np.uint64(32)
+        for b in np.unique(bucket).tolist():
+            if b not in self.writers:
+                self.writers[b] = pa.ipc.new_file(self._path(b), IMAGE_SCHEMA)
+            self.writers[b].write_batch(batch.filter(pa.array(bucket == b)).cast(IMAGE_SCHEMA))
+
+    def merge(self, dest: str) -> tuple[pa.Table, int]:
+        """The buckets in id order, each sorted by id with every id once (the first spilled, i.e.
+        from the first map shard in name order), into one Arrow file; returned memory-mapped (its
+        pages are the file's, not the process's heap); and the count of distinct ids."""
+        for w in self.writers.values():
+            w.close()
+        found = 0
+        with pa.ipc.new_file(dest, IMAGE_SCHEMA) as out:
+            for b in sorted(self.writers):
+                with pa.memory_map(self._path(b)) as f:
+                    t = pa.ipc.open_file(f).read_all()
+                t = t.take(pc.sort_indices(t, [("image_id", "ascending")]))  # stable: the first spilled leads
+                ids = t.column("image_id").to_numpy(zero_copy_only=False)
+                first = np.ones(len(ids), bool)
+                first[1:] = ids[1:] != ids[:-1]
+                t = t.filter(pa.array(first))
+                found += t.num_rows
+                for batch in t.to_batches(IMAGE_ROW_GROUP):
+                    out.write_batch(batch)
+                os.remove(self._path(b))
+        table = pa.ipc.open_file(pa.memory_map(dest)).read_all()
+        os.remove(dest)  # the mapping keeps the pages until the table is gone
+        return table, found
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -597,7 +783,10 @@ class MergeStage(Stage):
             if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
                 raise OutputConflict(f"merge: the output {out.uri()!r} and the source {path!r} overlap; write "
                                      "the output to a folder outside every source")
-        return run_stage(self, sources[0], output, cfg, filesystem=filesystem, overwrite=overwrite, quiet=quiet)
+        summary = run_stage(self, sources[0], output, cfg, filesystem=filesystem, overwrite=overwrite, quiet=quiet)
+        if not cfg.merge.keep_intermediates:
+            remove_intermediates(out)
+        return summary
 
     def report(self, out: Location, cfg: Config, summary: StageSummary, results: dict[str, PassResult]) -> list[str]:
         from curation.merge_report import write_report

@@ -16,7 +16,8 @@ class MergeSection(Section):
     sources: list[str] = Field([], description="Sources to merge, each 'NAME=PATH' or a bare PATH (the "
                                "name is then the folder or file stem): a LLaVA .json/.jsonl file or folder "
                                "(+ its images), or Parquet (FineVision images/texts, OpenAI messages, or "
-                               "conversations). Repeated --input on the command line replaces this list.")
+                               "conversations). Repeated --input on the command line replaces this list. "
+                               "Recorded (and hashed) as NAME=<absolute path or URL>.")
     categories: dict[str, str] = Field({}, description="Source name -> category; a per-row 'category' "
                                        "column overrides it; without either the category is the source name.")
     priority: list[str] = Field([], description="Source names, most trusted first: the dedup keeps the "
@@ -37,6 +38,14 @@ class MergeSection(Section):
     image_partitions: int = Field(16, ge=1, description="Hash partitions of the image store "
                                   "(OUT/images/): each image is stored once, in partition int(image_id, 16) "
                                   "mod image_partitions; one partition's images must fit in one task's memory.")
+    image_batch_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Memory budget of one image-store "
+                                   "task: a partition larger than this is sorted in id-range buckets of about "
+                                   "this size, spilled to local disk (it does not change the output).",
+                                   json_schema_extra=NOT_HASHED)
+    keep_intermediates: bool = Field(False, description="Keep the shuffle's partition files (OUT/_map/_parts, "
+                                     "_map/_images) and the deduplicated partitions (OUT/_dedup/_rows) after the "
+                                     "stage has committed; off: they are deleted (a later run that needs them "
+                                     "redoes the map).", json_schema_extra=NOT_HASHED)
     mixture: dict[str, float] = Field({}, description="Target share per category (or source, see "
                                       "mixture_by), as weights (normalised to sum 1); groups not named get "
                                       "none (mixture_excluded); empty = keep every deduplicated sample.")
@@ -55,6 +64,21 @@ class MergeSection(Section):
                                 "ledgered (text_too_long).")
     plot: bool = Field(True, description="Write merge_report.png next to merge_report.json.",
                        json_schema_extra=NOT_HASHED)
+
+    @field_validator("sources")
+    @classmethod
+    def _canonical_sources(cls, v: list[str]) -> list[str]:
+        # Hashed as NAME=<absolute path or URL>: 'a=x', 'a=./x' and 'a=x/' are one run, not a conflict.
+        from curation.merge_readers import normalise_source
+
+        return [normalise_source(s) for s in v]
+
+    @field_validator("image_folders")
+    @classmethod
+    def _canonical_folders(cls, v: dict[str, str]) -> dict[str, str]:
+        from curation.merge_readers import canonical_path
+
+        return {k: canonical_path(p) for k, p in v.items()}
 
     @field_validator("mixture")
     @classmethod

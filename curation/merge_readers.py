@@ -23,7 +23,9 @@ stage ledgers. Nothing here decides identity or duplicates.
 from __future__ import annotations
 
 import base64
+import codecs
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ IMAGE = "<image>"
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 BATCH_ROWS = 256
+CHUNK = 1 << 20  # bytes read at a time from a JSON / JSONL source
+_WS = re.compile(r"[ \t\n\r]*")
 
 
 class Bad(ValueError):
@@ -81,6 +85,25 @@ def parse_source(spec: str) -> tuple[str, str]:
     if not stem:
         raise ValueError(f"merge source {spec!r}: cannot name it; write NAME=PATH")
     return stem, spec
+
+
+def canonical_path(path: str) -> str:
+    """A source or image folder as the config records (and hashes) it: a URL as given without a
+    trailing '/', a local path absolute and normalised ('x', './x', 'x/' are one path)."""
+    if "://" in path and not path.startswith("file://"):
+        scheme, _, rest = path.partition("://")
+        return f"{scheme}://{rest.rstrip('/')}"
+    return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+
+
+def normalise_source(spec: str) -> str:
+    """'NAME=PATH' or a bare PATH -> 'NAME=<canonical PATH>', the name kept as the user gave it
+    (a bare path's name is its folder or file stem)."""
+    name, path = parse_source(spec)
+    path = canonical_path(path)
+    if path != spec and not spec.startswith(f"{name}="):  # a bare path: its stem, once resolved ('.')
+        name = parse_source(path)[0]
+    return f"{name}={path}"
 
 
 def resolve_sources(specs: list[str], priority: list[str], image_folders: dict[str, str]) -> list[Source]:
@@ -200,30 +223,113 @@ def _record(locator: str, rec: Any, convert, limits: Limits) -> Record:
 
 
 def _read_llava(file: Location, image_root: Location, limits: Limits) -> Iterator[Record]:
-    data = file.read_bytes()
+    """Streamed: a .jsonl file a line at a time, a .json list a record at a time, so a task holds
+    one record (at most ``record_bytes(limits)``) and a read buffer, never the whole file."""
     uri = file.uri()
-    if file.path.endswith(".jsonl"):
-        lines = [ln for ln in data.split(b"\n") if ln.strip()]
-        for row, line in enumerate(lines):
-            try:
-                rec: Any = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                rec = Bad("bad_encoding", f"line is not UTF-8: {e}"[:200])
-            except json.JSONDecodeError as e:
-                rec = Bad("bad_record", f"not JSON: {e}"[:200])
-            yield _record(f"{uri}#row={row}", rec, lambda r: _llava(r, image_root, limits), limits)
-        return
-    # A .json list: bytes that are not UTF-8 survive as lone surrogates, so only the records that
-    # hold them are ledgered (bad_encoding, in _check_turns), not the whole file.
-    try:
-        records = json.loads(data.decode("utf-8", "surrogateescape"))
-    except json.JSONDecodeError as e:  # the whole file is unreadable: no record can be ledgered alone
-        raise ValueError(f"{uri} is not valid JSON ({e}); repair it, or give one record per line as .jsonl "
-                         "(a bad line is then one ledger row)") from None
-    if not isinstance(records, list):
+    convert = lambda r: _llava(r, image_root, limits)  # noqa: E731
+    with file.fs.open_input_stream(file.path) as stream:
+        records = (_jsonl_records(stream, limits) if file.path.endswith(".jsonl")
+                   else _json_array_records(stream, uri, limits))
+        for row, rec in enumerate(records):
+            yield _record(f"{uri}#row={row}", rec, convert, limits)
+
+
+def record_bytes(limits: Limits) -> int:
+    """The largest JSON record read: its text (JSON escapes may take up to 6 characters per
+    character) plus the image paths around it."""
+    return 6 * limits.max_text_bytes + 1024 * limits.max_images + 64 * 1024
+
+
+def _jsonl_records(stream, limits: Limits) -> Iterator[Any]:
+    """Each non-blank line, parsed (or a Bad); a line over record_bytes is a Bad without being held."""
+    for line in _lines(stream, record_bytes(limits)):
+        if line is None:
+            yield Bad("text_too_long", f"line over {record_bytes(limits):,} bytes")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield Bad("bad_encoding", f"line is not UTF-8: {e}"[:200])
+        except json.JSONDecodeError as e:
+            yield Bad("bad_record", f"not JSON: {e}"[:200])
+
+
+def _lines(stream, limit: int) -> Iterator[bytes | None]:
+    """The stream's lines without their newline, read CHUNK bytes at a time; None for a line
+    longer than ``limit`` (skipped to its end, never held)."""
+    tail, over = b"", False
+    for chunk in iter(lambda: stream.read(CHUNK), b""):
+        pieces = chunk.split(b"\n")
+        for k, piece in enumerate(pieces):
+            if not over:
+                tail += piece
+                over = len(tail) > limit
+                tail = b"" if over else tail
+            if k < len(pieces) - 1:  # the piece ended with a newline
+                yield None if over else tail
+                tail, over = b"", False
+    if tail or over:
+        yield None if over else tail
+
+
+def _json_array_records(stream, uri: str, limits: Limits) -> Iterator[Any]:
+    """The records of a JSON list, parsed one at a time from a sliding buffer. Bytes that are not
+    UTF-8 survive as lone surrogates, so only the records that hold them are ledgered
+    (bad_encoding, in _check_turns), not the whole file."""
+    decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
+    decoder, limit = json.JSONDecoder(), record_bytes(limits)
+    buf, pos, eof = "", 0, False
+
+    def fill() -> None:
+        nonlocal buf, pos, eof
+        chunk = stream.read(CHUNK)
+        eof = not chunk
+        buf, pos = buf[pos:] + decode(chunk, final=eof), 0
+
+    def peek() -> str:  # the next character that is not white space ("" at the end)
+        nonlocal pos
+        while True:
+            pos = _WS.match(buf, pos).end()
+            if pos < len(buf) or eof:
+                return buf[pos:pos + 1]
+            fill()
+
+    def invalid(what: str) -> ValueError:
+        return ValueError(f"{uri} is not a valid JSON list of records ({what}); repair it, or give one record "
+                          "per line as .jsonl (a bad line is then one ledger row)")
+
+    if peek() != "[":
         raise ValueError(f"{uri}: a LLaVA .json file holds a list of records")
-    for row, rec in enumerate(records):
-        yield _record(f"{uri}#row={row}", rec, lambda r: _llava(r, image_root, limits), limits)
+    pos += 1
+    row = 0
+    while True:
+        c = peek()
+        if c == "]":
+            pos += 1
+            if peek():
+                raise invalid("data after the closing ']'")
+            return
+        if row:
+            if c != ",":
+                raise invalid(f"expected ',' or ']' after record {row - 1}, found {c!r}")
+            pos += 1
+            peek()
+        while True:
+            try:
+                rec, end = decoder.raw_decode(buf, pos)
+                if end < len(buf) or eof:  # a number at the buffer's end may go on in the next chunk
+                    break
+            except json.JSONDecodeError as e:
+                if eof:
+                    raise invalid(f"record {row}: {e}") from None
+            if len(buf) - pos > limit:
+                raise invalid(f"record {row} is not valid JSON or is over {limit:,} bytes")
+            fill()
+        pos = end
+        row += 1
+        yield rec
 
 
 # ------------------------------------------------------------------------------ formats

@@ -414,3 +414,138 @@ def test_parquet_text_that_is_not_utf8_is_one_ledger_row(tmp_path):
                              Limits(4, 10**6, 10**6)))
     assert [r.error.reason if r.error else None for r in recs] == [None, "bad_encoding", None]
     assert recs[2].turns == [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+
+
+# ------------------------------------------------------------------------------ bounded memory, intermediates
+
+
+def test_json_sources_are_streamed_a_record_at_a_time(tmp_path, monkeypatch):
+    """A .json list and a .jsonl file are read through a small buffer: the peak of Python memory
+    while reading stays far under the file, and the records are exactly json.load's (a record with
+    bytes that are not UTF-8 is one bad_encoding row; a line over the record bound one
+    text_too_long row; a list broken part-way is a clear error)."""
+    import tracemalloc
+
+    from curation import merge_readers as mr
+
+    monkeypatch.setattr(mr, "CHUNK", 4096)
+    limits = mr.Limits(8, 1 << 20, 2048)
+    recs = [json.dumps({"conversations": _conv(f"Question {i}? " + "é" * (i % 9), f"Answer {i}. " * (i % 5 + 1))},
+                       ensure_ascii=bool(i % 2)).encode() for i in range(12_000)]
+    recs[7] = b'{"conversations": [{"from": "human", "value": "caf\xe9?"}, {"from": "gpt", "value": "x"}]}'
+    big = tmp_path / "big.json"
+    big.write_bytes(b"[\n" + b",\n  ".join(recs) + b"\n]\n")
+    lines = tmp_path / "big.jsonl"
+    too_long = b'{"x": "' + b"y" * (mr.record_bytes(limits) + 10) + b'"}'
+    lines.write_bytes(b"\n".join(recs[:100] + [too_long] + recs[100:]))
+    want = json.loads(big.read_bytes().decode("utf-8", "surrogateescape"))
+    for path, extra in ((big, None), (lines, 100)):
+        tracemalloc.start()
+        got = 0
+        for row, rec in enumerate(mr.read_records(Location.parse(str(path)), Location.parse(str(tmp_path)), limits)):
+            if row == extra:
+                assert rec.error is not None and rec.error.reason == "text_too_long"
+                continue
+            k = row - (extra is not None and row > extra)
+            if k == 7:
+                assert rec.error is not None and rec.error.reason == "bad_encoding"
+            else:
+                assert rec.error is None and rec.turns == [{"from": t["from"], "value": t["value"]}
+                                                           for t in want[k]["conversations"]]
+            got += 1
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert got == len(recs)
+        assert peak < path.stat().st_size / 8, (path.name, peak, path.stat().st_size)
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(b"[" + b",".join(recs[:50]) + b", {oops}]")
+    with pytest.raises(ValueError, match="not a valid JSON list of records"):
+        list(mr.read_records(Location.parse(str(broken)), Location.parse(str(tmp_path)), limits))
+
+
+def test_small_buffers_and_spilled_image_buckets_write_the_same_output(merged, tmp_path, monkeypatch):
+    """Map tasks that flush every 2 samples / every image, and an image store sorted in many
+    spilled buckets (merge.image_batch_bytes=1), write byte-for-byte the output of the default
+    buffers; the shuffle's intermediates are removed after the commit."""
+    import curation.merge as cm
+
+    out, specs, *_ = merged
+    monkeypatch.setattr(cm, "MAP_FLUSH_ROWS", 2)
+    monkeypatch.setattr(cm, "MAP_FLUSH_BYTES", 1)
+    monkeypatch.setattr(cm, "MAP_SEEN_IMAGES", 1)
+    small = tmp_path / "small"
+    MergeStage().run(None, str(small), _cfg(f"merge.sources={json.dumps(specs)}", "merge.image_batch_bytes=1"),
+                     quiet=True)
+
+    def final(o: Path) -> dict[str, bytes]:
+        return {k: v for k, v in data_files(o).items() if not k.startswith(("_map", "_dedup"))}
+
+    assert final(small) == final(out) and any(k.startswith("images/data/") for k in final(out))
+    spilled = [e["spill_buckets"] for e in read_manifest_entries(Location.parse(str(small / "images"))).values()]
+    assert max(spilled) > 1
+    parts = list((tmp_path / "small" / "_map" / "_parts").glob("*/*.parquet"))
+    assert not parts  # removed after the commit
+
+
+def test_intermediates_removed_after_commit_and_redone_only_when_needed(merged, tmp_path):
+    out, specs, *_ = merged
+    for gone in ("_map/_parts", "_map/_images", "_dedup/_rows"):
+        assert not (out / gone).exists(), gone
+    kept = tmp_path / "kept"
+    MergeStage().run(None, str(kept), _cfg(f"merge.sources={json.dumps(specs)}", "merge.keep_intermediates=true"),
+                     quiet=True)
+    assert list((kept / "_map" / "_parts").glob("*/p-*.parquet")) and list((kept / "_dedup" / "_rows").glob("*"))
+    # Sources copied, merged (intermediates removed), then one file added: the rerun redoes the map
+    # and equals a fresh merge of the changed sources.
+    src = tmp_path / "src"
+    shutil.copytree(Path(specs[0].split("=", 1)[1]).parent, src)
+    mine = [f"llava={src / 'llava'}", f"fv={src / 'fv'}", str(src / "oai")]
+    cfg = _cfg(f"merge.sources={json.dumps(mine)}")
+    run = tmp_path / "run"
+    MergeStage().run(None, str(run), cfg, quiet=True)
+    again = MergeStage().run(None, str(run), cfg, quiet=True)  # unchanged: nothing redone
+    assert again.shards_skipped == again.shards and not (run / "_map" / "_parts").exists()
+    (src / "llava" / "part-1.jsonl").write_text(json.dumps(
+        {"image": "imgs/i2.png", "conversations": _conv("<image>\nIs the dog asleep?", "No.")}) + "\n" + json.dumps(
+        {"image": "imgs/i3.png", "conversations": _conv("<image>\nWhat color is the car?", "Blue.")}) + "\n")
+    changed = MergeStage().run(None, str(run), cfg, quiet=True)
+    fresh = tmp_path / "fresh"
+    MergeStage().run(None, str(fresh), cfg, quiet=True)
+    assert changed.kept_rows == merged[3].kept_rows + 1
+    assert data_files(run) == data_files(fresh)
+
+
+def test_sources_are_hashed_as_absolute_paths_keeping_their_names(merged, tmp_path, monkeypatch):
+    """'NAME=rel/x', 'NAME=./rel/x/' and 'NAME=/abs/x' are one source: the same config, so a run
+    given one spelling resumes a run given another instead of refusing it."""
+    out, specs, *_ = merged
+    root = Path(specs[0].split("=", 1)[1]).parent
+    monkeypatch.chdir(root.parent)
+    relative = [f"llava={root.name}/llava", f"fv=./{root.name}/fv/", f"./{root.name}/oai/"]
+    a, b = _cfg(f"merge.sources={json.dumps(relative)}"), _cfg(f"merge.sources={json.dumps(specs)}")
+    assert a.merge.sources == b.merge.sources == [f"llava={root}/llava", f"fv={root}/fv", f"oai={root}/oai"]
+    run = tmp_path / "run"
+    MergeStage().run(relative, str(run), _cfg(), quiet=True)  # --input given as typed
+    summary = MergeStage().run(None, str(run), b, quiet=True)
+    assert summary.shards_skipped == summary.shards
+    assert data_files(run) == data_files(out)
+
+
+def test_run_report_shows_category_shares_and_dedup_removals(merged, tmp_path):
+    """ovpipe report on the merge output: each category's share before dedup -> after dedup ->
+    after the mixture (from merge_report.json) and dedup's removals by reason (= the ledger's)."""
+    from ovpipe.report import write_report
+
+    out, *_ = merged
+    rep = json.loads((out / "merge_report.json").read_text())
+    html = (Path(write_report(str(out), str(tmp_path / "r.html")))).read_text()
+    dedup = read_ledger(Location.parse(str(out))).filter(pl.col("stage") == "merge_dedup")
+    by_reason = dict(dedup.group_by("reason").len().iter_rows())
+    assert by_reason == {"duplicate_question": 2, "duplicate_sample": 2, "near_duplicate_question": 1}
+    for reason, n in by_reason.items():
+        assert f"removed by dedup: {reason}</th><td>{n}</td>" in html
+    for cat in ("general", "ocr", "counting", "oai"):
+        steps = [rep["shares"][k].get(cat, 0) for k in ("before_dedup", "after_dedup", "after_mixture")]
+        assert f"share of {cat} (before dedup -&gt; after dedup -&gt; after mixture)</th><td>" + " -&gt; ".join(
+            f"{s:.1%}" for s in steps) in html
+    assert "merge_report.png" in html

@@ -161,6 +161,11 @@ def write_bytes_atomic(dest: Location, data: bytes, tmp_dir: Location | None = N
 
 def table_to_parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     sink = io.BytesIO()
+    _write_parquet(sink, table, row_group_size)
+    return sink.getvalue()
+
+
+def _write_parquet(sink: Any, table: pa.Table, row_group_size: int | None = None) -> None:
     options = PARQUET_WRITE_OPTIONS if row_group_size is None else {**PARQUET_WRITE_OPTIONS,
                                                                      "row_group_size": row_group_size}
     if table.num_rows == 0:  # no row group at all: `datasets` refuses a file with one of 0 rows
@@ -168,14 +173,22 @@ def table_to_parquet_bytes(table: pa.Table, row_group_size: int | None = None) -
             pass
     else:
         pq.write_table(table, sink, **options)
-    return sink.getvalue()
 
 
 def write_table(dest: Location, table: pa.Table, row_group_size: int | None = None,
                 tmp_dir: Location | None = None) -> None:
     """Write one Parquet shard with the fixed writer settings (deterministic bytes); a reader that
     reads a row group at a time may ask for its own row-group size (packs)."""
-    write_bytes_atomic(dest, table_to_parquet_bytes(table, row_group_size), tmp_dir)
+    if not dest.is_local:  # an object store: one whole-object write
+        write_bytes_atomic(dest, table_to_parquet_bytes(table, row_group_size), tmp_dir)
+        return
+    # A local disk: streamed to a temporary name (a row group at a time, not the whole file in
+    # memory) and renamed; the same bytes.
+    dest.fs.create_dir(posixpath.dirname(dest.path), recursive=True)
+    tmp = _tmp_name(dest, tmp_dir)
+    with dest.fs.open_output_stream(tmp.path) as f:
+        _write_parquet(f, table, row_group_size)
+    dest.fs.move(tmp.path, dest.path)
 
 
 def read_table(src: Location, columns: list[str] | None = None) -> pa.Table:
