@@ -273,16 +273,23 @@ def _read_cached(folder: str):
     return emb, faiss.read_index(str(Path(folder) / "index.faiss"))
 
 
-def check_embed_model(first_shard, identity: dict[str, Any]) -> None:
-    """The input's embeddings must come from the model whose text tower embeds the concepts."""
+def input_stage_header(first_shard) -> tuple[Location, dict[str, Any] | None]:
+    """The stage output folder a data shard belongs to, and its ``_manifest/_stage.json`` (None
+    when there is none: Parquet made outside ovpipe)."""
     folder = first_shard.path.rsplit("/", 1)[0]
     header = Location(first_shard.fs, folder)
     if header.name == DATA_DIR and not header.join(MANIFEST_DIR).exists():  # OUT/data/<shard>
         header = Location(first_shard.fs, folder.rsplit("/", 1)[0])
     stage_file = header.join(MANIFEST_DIR, STAGE_FILE)
-    if not stage_file.exists():
+    return header, (read_json(stage_file) if stage_file.exists() else None)
+
+
+def check_embed_model(first_shard, identity: dict[str, Any]) -> None:
+    """The input's embeddings must come from the model whose text tower embeds the concepts."""
+    header, stage = input_stage_header(first_shard)
+    if stage is None:
         return
-    made_by = read_json(stage_file).get("payload", {}).get("global_state", {}).get("model")
+    made_by = stage.get("payload", {}).get("global_state", {}).get("model")
     if made_by is not None and made_by != identity:
         raise ValueError(
             f"the embeddings in {header.uri()!r} were made by {made_by}, but embed.* in this config "

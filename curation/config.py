@@ -299,6 +299,16 @@ class DedupSection(Section):
         json_schema_extra=NOT_HASHED)
     report_pairs: int = Field(6, ge=0, description="Report: example pairs per similarity band in the "
                               "contact sheet.", json_schema_extra=NOT_HASHED)
+    keep_intermediates: bool = Field(False, description="Keep the shuffle's intermediates (OUT/_sample, "
+                                     "_partition: a copy of every embedding, _pairs, _resolve) after the stage "
+                                     "finished; off: removed once every output shard is committed (a re-run "
+                                     "with an unchanged input then does nothing; a changed input redoes them).",
+                                     json_schema_extra=NOT_HASHED)
+    phash_min_decided: int = Field(
+        32, ge=0, le=64, description="A perceptual hash counts only when at least this many of its 64 bits "
+        "are decided (their DCT coefficient clearly away from the median): a flat colour or two flat halves "
+        "leaves most bits to rounding noise, and such hashes collide; those images are compared by "
+        "embedding only. 0 = every hash counts.")
 
 
 class DecontaminateSection(Section):
@@ -306,9 +316,9 @@ class DecontaminateSection(Section):
     match an evaluation image (exact bytes, perceptual hash or embedding) are ledgered."""
 
     benchmarks: list[str] = Field(
-        [], description="Evaluation sets, each a folder of images (name = the folder's name) or a Parquet "
-        "file (name = its `benchmark` column, else the file's name), optionally as NAME=PATH. Empty = the "
-        "step is off in `ovpipe run`.")
+        [], description="Evaluation image sets, each a folder of images (name = the folder's name) or a Parquet "
+        "file (name = its `benchmark` column, else the file's name), optionally as NAME=PATH. Empty (and no "
+        "`questions`) = the step is off in `ovpipe run`.")
     method: Literal["both", "embedding", "phash"] = Field(
         "both", description="Besides exact bytes (always): cosine >= threshold (embedding), Hamming "
         "distance <= phash_bits (phash), or either (both).")
@@ -316,9 +326,25 @@ class DecontaminateSection(Section):
                              "matches an evaluation image.")
     phash_bits: int = Field(8, ge=0, le=64, description="Perceptual-hash Hamming distance at or below "
                             "which a training image matches an evaluation image.")
-    max_eval_images: int = Field(1_000_000, gt=0, description="Refuse larger evaluation sets (they are "
-                                 "held by every task).")
+    phash_min_decided: int = Field(
+        32, ge=0, le=64, description="A perceptual hash (of a training or evaluation image) counts only when "
+        "at least this many of its 64 bits are decided, as dedup.phash_min_decided: plain images' hashes "
+        "collide.")
+    max_eval_images: int = Field(1_000_000, gt=0, description="Refuse larger evaluation sets of images "
+                                 "or of questions (they are held by every task).")
     cache_dir: str = Field("", description="Cache of embedded evaluation sets; empty = $OVPIPE_CACHE/eval "
                            "or ~/.cache/ovpipe/eval.", json_schema_extra=NOT_HASHED)
     report_pairs: int = Field(6, ge=0, description="Report: example matches per benchmark.",
                               json_schema_extra=NOT_HASHED)
+    questions: list[str] = Field(
+        [], description="Evaluation question sets for the text side: Parquet or JSON Lines files with a "
+        "question / text / prompt column (name from a `benchmark` column, else the file's name; id from "
+        "id / question_id / key, else the row number), optionally NAME=PATH. A training sample whose user "
+        "turns (`conversations`, merge's output) share an n-gram with one is ledgered benchmark_overlap.")
+    ngram: int = Field(8, ge=3, le=64, description="Text side: a user turn overlaps an evaluation question "
+                       "when they share this many consecutive normalised words (case, punctuation and <image> "
+                       "ignored); a question shorter than that must be matched whole.")
+    input_model: Literal["recorded", "config"] = Field(
+        "recorded", description="Which model embeds the evaluation images: `recorded` = the model that made "
+        "the input's embeddings, as its stage recorded it (embed, assign, dedup, decontaminate outputs); "
+        "`config` = this config's embed.* (an input made outside ovpipe, which records none).")

@@ -12,7 +12,8 @@ Writes: ``OUT/data/<shard>``: the input rows that are kept, unchanged (same sche
 
 The rule (docs/dedup.md): two samples are duplicates when they fall in the same k-means cluster of
 the embeddings and their cosine is >= ``dedup.threshold`` (method embedding), their 64-bit
-perceptual hashes differ in <= ``dedup.phash_bits`` bits (phash), or either (both). Within a
+perceptual hashes differ in <= ``dedup.phash_bits`` bits (phash; a hash counts only with at least
+``dedup.phash_min_decided`` decided bits: plain images' hashes collide), or either (both). Within a
 cluster, samples are visited in ``sample_id`` order; a sample is removed when it duplicates a sample
 already kept (its most similar one is ledgered as the kept one), else kept. So the smallest
 ``sample_id`` of a group is kept, chains do not remove distinct images (a ~ b ~ c with a, c far
@@ -30,11 +31,16 @@ holds all embeddings:
    and writes ``sample_id, shard, embedding, phash`` + refs + ``cluster, part`` sorted by (part,
    cluster, sample_id) in row groups of ``PART_ROW_GROUP`` rows.
 3. ``dedup_pairs`` (``_pairs/``): one reduce task per partition reads only its partition's row
-   groups of every map output and writes each cluster's candidate pairs (ids, cosine, distance).
+   groups of every map output and writes each cluster's candidate pairs (ids, cosine, distance),
+   compared one BLOCK x BLOCK tile at a time (memory bounded whatever a cluster's size).
 4. ``dedup_resolve`` (``_resolve/``): one task resolves every pair (no embeddings: a few bytes per
    duplicate pair) by the rule above; writes the removed samples (``sample_id, shard, kept_id,
    cosine, phash_distance``) and how many each report threshold would remove.
-5. ``dedup`` (the output): per input shard, the rows kept and the removed ones ledgered.
+5. ``dedup`` (the output): per input shard, the rows kept and the removed ones ledgered; its
+   stage header records the model that made the embeddings (decontaminate reads it).
+
+Once the stage has committed, the passes' folders (1-4) and ``_tmp/`` are deleted unless
+``dedup.keep_intermediates``; a re-run on an unchanged input then does nothing (``DedupStage.run``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
+import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,12 +60,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
-from curation.assign import embedding_matrix
+from curation.assign import embedding_matrix, input_stage_header
 from ovpipe.core.hashing import seeded_mix
 from ovpipe.core.images import fetch_image_bytes, open_image, to_rgb
 from ovpipe.core.ledger import Ledger
-from ovpipe.core.shards import Location, parquet_num_rows, read_table, write_json
-from ovpipe.core.stage import Pass, PassContext, PassResult, Shard, ShardOutput, ShardTask, Stage, StageSummary
+from ovpipe.core.shards import (MANIFEST_DIR, STAGE_FILE, SUMMARY_FILE, TMP_DIR, Location, parquet_num_rows, read_json,
+                                read_manifest_entries, read_table, write_json)
+from ovpipe.core.stage import (Pass, PassContext, PassResult, Shard, ShardOutput, ShardTask, Stage, StageSummary,
+                               refuse_changed_config, run_stage)
 
 if TYPE_CHECKING:
     from ovpipe.config import Config
@@ -65,8 +76,13 @@ EMBEDDING = "embedding"
 REF_COLUMNS = ["image_uri", "image_member", "image_row"]
 REASON = "near_duplicate_image"
 PART_ROW_GROUP = 1024  # a reduce task reads only the row groups of its partition
-BLOCK = 1024  # rows compared at once (memory: BLOCK x cluster rows floats)
+BLOCK = 1024  # rows x columns compared at once (memory: BLOCK x BLOCK, whatever the cluster size)
 REPORT_DIR = "_report"
+REMOVED_MARK = "+removed:"  # an output shard's input stamp: its input file's, then the removed set's
+# A phash bit is decided when its coefficient (scipy's unnormalised DCT of the 0-255 32x32 thumbnail)
+# is this far from the median: ~0.05 grey level of amplitude. Measured (docs/dedup.md): photographs,
+# text on white and screenshots decide >= 52 bits, a flat colour 1, two flat halves <= 8.
+DECIDED_MARGIN = 200.0
 NO_HASH = np.uint64(0)  # stored as null; 0 in arrays with a mask
 EDGES_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("a_shard", pa.string()),
                           ("cosine", pa.float32()), ("phash_distance", pa.int16())])  # a > b
@@ -77,19 +93,35 @@ PAIRS_SCHEMA = pa.schema([("sample_id", pa.string()), ("shard", pa.string()), ("
 # ------------------------------------------------------------------------------ pure core
 
 
-def phash64(data: bytes | None) -> int | None:
-    """imagehash.phash (DCT of a 32x32 grey thumbnail, 64 bits) of untrusted bytes; None if unusable.
+def phash64(data: bytes | None, min_decided: int = 0) -> int | None:
+    """imagehash.phash (the signs of the 8x8 lowest DCT coefficients of a 32x32 grey thumbnail
+    against their median: 64 bits) of untrusted bytes; None if unusable, or when fewer than
+    ``min_decided`` bits are decided: a plain image (a flat colour, two flat halves) has a nearly
+    empty DCT whose bits are rounding noise, and such hashes collide across distinct images.
     JPEGs are drafted down before decoding: the hash only needs a small image."""
     import imagehash
+    from PIL import Image
 
     if data is None:
         return None
     try:
         with open_image(data) as img:
             img.draft("RGB", (128, 128))
-            return int(str(imagehash.phash(to_rgb(img))), 16)
+            grey = to_rgb(img).convert("L").resize((32, 32), Image.Resampling.LANCZOS)  # as phash does
+        if min_decided and decided_bits(grey) < min_decided:
+            return None
+        return int(str(imagehash.phash(grey)), 16)
     except Exception:  # a bad image has no hash; the embedding still compares it
         return None
+
+
+def decided_bits(grey) -> int:
+    """How many of phash's 64 coefficients differ from their median by more than DECIDED_MARGIN."""
+    import scipy.fftpack
+
+    pixels = np.asarray(grey, dtype=np.float64)
+    low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:8, :8]
+    return int((np.abs(low - np.median(low)) > DECIDED_MARGIN).sum())
 
 
 def unit_rows(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -154,31 +186,46 @@ def assign_clusters(emb: np.ndarray, centroids: np.ndarray, margin: float) -> tu
 
 
 def candidate_edges(emb: np.ndarray | None, hashes: np.ndarray | None, has_hash: np.ndarray | None,
-                    min_cosine: float, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (i > j) of one cluster with cosine >= min_cosine or Hamming <= bits, in blocks of rows:
-    (i, j, cosine, hamming); hamming = -1 where a hash is missing, cosine = nan without embeddings."""
+                    min_cosine: float, bits: int, block: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i > j) of one cluster with cosine >= min_cosine or Hamming <= bits: (i, j, cosine,
+    hamming), sorted by (i, j); hamming = -1 where a hash is missing, cosine = nan without
+    embeddings. Compared a block x block tile at a time, so the working memory is bounded by the
+    block size whatever the cluster's size (a cluster of many near-identical images, a skewed
+    k-means); only the pairs found (the output) grow with it."""
     n = len(emb) if emb is not None else len(hashes)
-    out_i, out_j, out_c, out_h = [], [], [], []
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
-        rows = np.arange(start, stop)
-        lower = np.arange(stop)[None, :] < rows[:, None]  # j < i only
-        hit = np.zeros((stop - start, stop), bool)
-        cos = ham = None
-        if emb is not None:
-            cos = emb[start:stop] @ emb[:stop].T
-            hit |= cos >= min_cosine
-        if hashes is not None:
-            ham = np.bitwise_count(hashes[start:stop, None] ^ hashes[None, :stop]).astype(np.int16)
-            ham[~(has_hash[start:stop, None] & has_hash[None, :stop])] = -1
-            hit |= (ham >= 0) & (ham <= bits)
-        bi, bj = np.nonzero(hit & lower)
-        out_i.append(bi + start)
-        out_j.append(bj)
-        out_c.append(cos[bi, bj] if cos is not None else np.full(len(bi), np.nan, np.float32))
-        out_h.append(ham[bi, bj] if ham is not None else np.full(len(bi), -1, np.int16))
-    cat = (lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t))
-    return cat(out_i, np.int64), cat(out_j, np.int64), cat(out_c, np.float32), cat(out_h, np.int16)
+    block = block or BLOCK
+    out: list[tuple[np.ndarray, ...]] = []
+    for r0 in range(0, n, block):
+        r1 = min(r0 + block, n)
+        row_parts = [_tile_edges(emb, hashes, has_hash, min_cosine, bits, r0, r1, c0, min(c0 + block, r1))
+                     for c0 in range(0, r1, block)]
+        i, j, c, h = (np.concatenate(x) for x in zip(*row_parts))
+        order = np.lexsort((j, i))  # the tiles of a row block, merged into (i, j) order
+        out.append((i[order], j[order], c[order], h[order]))
+    if not out:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int16)
+    i, j, c, h = (np.concatenate(x) for x in zip(*out))
+    return i.astype(np.int64), j.astype(np.int64), c.astype(np.float32), h.astype(np.int16)
+
+
+def _tile_edges(emb, hashes, has_hash, min_cosine: float, bits: int, r0: int, r1: int, c0: int, c1: int):
+    """The edges between rows r0:r1 and columns c0:c1 (j < i only)."""
+    cos = ham = hit = None
+    if emb is not None:
+        cos = emb[r0:r1] @ emb[c0:c1].T
+        hit = cos >= min_cosine
+    if hashes is not None:
+        ham = np.bitwise_count(hashes[r0:r1, None] ^ hashes[None, c0:c1]).astype(np.int16)
+        ham[~(has_hash[r0:r1, None] & has_hash[None, c0:c1])] = -1
+        by_hash = (ham >= 0) & (ham <= bits)
+        hit = by_hash if hit is None else hit | by_hash
+    if c1 > r0:  # a tile on the diagonal: j < i only (below it every j < i)
+        hit &= np.arange(c0, c1)[None, :] < np.arange(r0, r1)[:, None]
+    bi, bj = np.nonzero(hit)
+    c = cos[bi, bj].astype(np.float32) if cos is not None else np.full(len(bi), np.nan, np.float32)
+    h = ham[bi, bj] if ham is not None else np.full(len(bi), -1, np.int16)
+    return bi + r0, bj + c0, c, h
 
 
 def edge_mask(cos: np.ndarray, ham: np.ndarray, method: str, threshold: float, bits: int) -> np.ndarray:
@@ -241,6 +288,60 @@ def dedup_rows(emb: np.ndarray | None, hashes: np.ndarray | None, has_hash: np.n
     ids = [sample_ids[k] for k in order.tolist()]
     return resolve_edges([ids[i] for i in ei.tolist()], [ids[j] for j in ej.tolist()], ec, eh, method,
                          threshold, bits)
+
+
+# --------------------------------------------------------------- which model made the input
+
+
+def recorded_embed_model(first_shard: Location) -> tuple[str, dict | None, dict | None]:
+    """(the input's folder, the identity of the model that made its embeddings, the embed settings
+    when recorded), from the input's ``_manifest/_stage.json``: embed records its model; assign,
+    dedup and decontaminate the model of their input; the identity and settings are None when
+    nothing says."""
+    header, stage = input_stage_header(first_shard)
+    payload = (stage or {}).get("payload", {})
+    state = payload.get("global_state", {})
+    if payload.get("stage") == "embed":
+        return header.uri(), state.get("model"), payload.get("config", {}).get("embed")
+    return header.uri(), state.get("embed_model"), state.get("embed_spec")
+
+
+def model_spec_for(identity: dict, recorded: dict | None, configured):
+    """The ModelSpec whose identity is ``identity``: the recorded embed settings, the identity's
+    own fields (a seeded random init, an open_clip tag), or this config's embed.* (a local
+    checkpoint: its path is not in the identity); None when none of them matches."""
+    from curation.embed import RANDOM, ModelSpec
+
+    candidates = []
+    if recorded:
+        candidates.append(ModelSpec(recorded["model"], recorded["pretrained"], recorded.get("init_seed", 0),
+                                    recorded.get("precision", "auto")))
+    weights = str(identity.get("weights", ""))
+    if weights.startswith("random:seed="):
+        candidates.append(ModelSpec(identity["model"], RANDOM, int(weights.split("=", 1)[1]), identity["precision"]))
+    elif weights.startswith("tag:"):
+        candidates.append(ModelSpec(identity["model"], weights.split(":")[1], 0, identity["precision"]))
+    candidates.append(configured)
+    for spec in candidates:
+        try:
+            if spec.identity() == identity:
+                return spec
+        except Exception:  # a checkpoint file that is gone, an unknown model: not this one
+            continue
+    return None
+
+
+def spec_fields(spec) -> dict:
+    return {"model": spec.name, "pretrained": spec.pretrained, "init_seed": spec.init_seed,
+            "precision": spec.precision}
+
+
+def provenance_state(first_shard: Location | None) -> dict:
+    """What a stage that passes embeddings through records, so a later stage knows their model."""
+    if first_shard is None:
+        return {}
+    _where, identity, recorded = recorded_embed_model(first_shard)
+    return {k: v for k, v in (("embed_model", identity), ("embed_spec", recorded)) if v is not None}
 
 
 # ------------------------------------------------------------------------------------ passes
@@ -320,7 +421,7 @@ class DedupPartitionPass(Pass):
         hashes: list[int | None] = [None] * table.num_rows
         if d.method in ("phash", "both") and all(c in table.column_names for c in REF_COLUMNS):
             refs = table.select(["sample_id", *REF_COLUMNS])
-            hashes = [phash64(b) for b in fetch_image_bytes(refs)]
+            hashes = [phash64(b, d.phash_min_decided) for b in fetch_image_bytes(refs)]
         cols = {
             "sample_id": table.column("sample_id"),
             "shard": pa.array([task.shard] * table.num_rows, pa.string()),
@@ -360,7 +461,7 @@ class DedupPairsPass(Pass):
         d = task.config.dedup
         parts = [pq.read_table(f.path, filesystem=f.fs, filters=[("part", "=", task.index)]) for f in self.files]
         table = pa.concat_tables(parts) if parts else pa.table({})
-        edges: dict[str, list] = {f.name: [] for f in EDGES_SCHEMA}
+        edges: list[pa.Table] = []
         examples: list[dict] = []
         if table.num_rows:
             table = table.take(pc.sort_indices(table, [("cluster", "ascending"), ("sample_id", "ascending")]))
@@ -368,12 +469,12 @@ class DedupPairsPass(Pass):
             bounds = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1], True])
             for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
                 self._cluster(table.slice(s, e - s), d, edges, examples)
-        out = pa.Table.from_pydict(edges, schema=EDGES_SCHEMA)
+        out = pa.concat_tables(edges).combine_chunks() if edges else EDGES_SCHEMA.empty_table()
         stats = {"examples": _pick_examples(examples, d.threshold, d.report_pairs)}
         return ShardOutput(out, Ledger(self.name), input_rows=table.num_rows, kept_samples=table.num_rows,
                            stats=stats)
 
-    def _cluster(self, rows: pa.Table, d, edges: dict[str, list], examples: list[dict]) -> None:
+    def _cluster(self, rows: pa.Table, d, edges: list[pa.Table], examples: list[dict]) -> None:
         emb, _ok = unit_rows(rows.column(EMBEDDING))
         ph = rows.column("phash").combine_chunks()
         has = np.asarray(ph.is_valid())
@@ -385,18 +486,34 @@ class DedupPairsPass(Pass):
         ei, ej, ec, eh = candidate_edges(use_e, use_h, has, floor, d.phash_bits)
         if use_e is None and len(ei):  # phash only: the cosines are still reported
             ec = np.einsum("nd,nd->n", emb[ei], emb[ej]).astype(np.float32)
-        ids = rows.column("sample_id").to_pylist()
-        shards = rows.column("shard").to_pylist()
-        keep = edge_mask(ec, eh, d.method, lowest, d.phash_bits)
-        for i, j, c, h in zip(ei[keep].tolist(), ej[keep].tolist(), ec[keep].tolist(), eh[keep].tolist()):
-            for k, v in zip(EDGES_SCHEMA.names, (ids[i], ids[j], shards[i], c, h)):
-                edges[k].append(v)
-        refs = {c: rows.column(c).to_pylist() for c in REF_COLUMNS if c in rows.column_names}
+        ids = rows.column("sample_id").combine_chunks()
+        keep = np.flatnonzero(edge_mask(ec, eh, d.method, lowest, d.phash_bits))
+        ki, kj = pa.array(ei[keep]), pa.array(ej[keep])
+        edges.append(pa.table([ids.take(ki), ids.take(kj), rows.column("shard").combine_chunks().take(ki),
+                               pa.array(ec[keep], pa.float32()), pa.array(eh[keep], pa.int16())],
+                              schema=EDGES_SCHEMA))
+        # the report's examples: only the few chosen per band are built (a big cluster has many pairs)
         dup = edge_mask(ec, eh, d.method, d.threshold, d.phash_bits)
-        for i, j, c, h, is_dup in zip(ei.tolist(), ej.tolist(), ec.tolist(), eh.tolist(), dup.tolist()):
-            examples.append({"a": ids[j], "b": ids[i], "cosine": None if math.isnan(c) else round(c, 4),
-                             "phash_distance": h, "duplicate": is_dup,
-                             "a_ref": [refs[k][j] for k in refs], "b_ref": [refs[k][i] for k in refs]})
+        id_list = ids.to_pylist()
+        refs = {c: rows.column(c).to_pylist() for c in REF_COLUMNS if c in rows.column_names}
+        for k in _example_rows(id_list, ei, ej, ec, d.threshold, d.report_pairs):
+            i, j = int(ei[k]), int(ej[k])
+            examples.append({"a": id_list[j], "b": id_list[i], "cosine": round(float(ec[k]), 4),
+                             "phash_distance": int(eh[k]), "duplicate": bool(dup[k]),
+                             "a_ref": [refs[c][j] for c in refs], "b_ref": [refs[c][i] for c in refs]})
+
+
+def _example_rows(ids: list[str], ei: np.ndarray, ej: np.ndarray, cos: np.ndarray, threshold: float,
+                  per_band: int) -> list[int]:
+    """The candidate pairs _pick_examples could choose from this cluster (up to per_band per band,
+    by the same hash of the pair), as indices into the edge arrays."""
+    out: list[int] = []
+    rounded = np.array([round(c, 4) for c in cos.tolist()], np.float64)  # as the report rounds them
+    for lo, hi in bands(threshold):
+        inside = np.flatnonzero(~np.isnan(rounded) & (rounded >= lo) & (rounded < hi))
+        keys = [xxhash.xxh3_64_intdigest(f"{ids[ej[k]]}/{ids[ei[k]]}".encode()) for k in inside.tolist()]
+        out += [int(inside[k]) for k in np.argsort(np.array(keys, np.uint64), kind="stable")[:per_band].tolist()]
+    return out
 
 
 class DedupResolvePass(Pass):
@@ -462,9 +579,15 @@ class DedupFilterPass(Pass):
     config_sections = ("dedup", "run")
     schema_version = 1
 
+    def list_shards(self, ctx: PassContext) -> list[Shard]:
+        """The input shards, stamped with the removed set too: which rows a shard keeps depends on
+        every shard, so a changed input (another removed set) redoes every output shard."""
+        removed = _done_stamp(ctx.done[DedupResolvePass.name])
+        return [replace(s, stamp=f"{s.stamp}{REMOVED_MARK}{removed}") for s in super().list_shards(ctx)]
+
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         self.files = _pass_files(ctx.done[DedupResolvePass.name])
-        return {}
+        return provenance_state(shards[0].input if shards else None)  # decontaminate reads it
 
     def process(self, task: ShardTask) -> ShardOutput:
         table = read_table(task.input)
@@ -484,6 +607,10 @@ class DedupFilterPass(Pass):
         return ShardOutput(table.filter(pa.array(keep)), ledger, table.num_rows)
 
 
+SHUFFLE = (DedupSamplePass.folder, DedupPartitionPass.folder, DedupPairsPass.folder, DedupResolvePass.folder)
+INTERMEDIATES = (*SHUFFLE, TMP_DIR)  # and the commit path's scratch folder
+
+
 class DedupStage(Stage):
     name = "dedup"
 
@@ -493,9 +620,44 @@ class DedupStage(Stage):
     def enabled(self, cfg: Config) -> bool:
         return cfg.dedup.enabled
 
+    def run(self, input: str, output: str, cfg: Config, *, filesystem=None, overwrite: bool = False,
+            quiet: bool = False) -> StageSummary:
+        """run_stage; but a finished output whose intermediates were removed (dedup.keep_intermediates
+        off) and whose input is unchanged is not recomputed: the passes before the last would redo
+        the whole shuffle only to find every output shard committed."""
+        start = time.monotonic()
+        if not overwrite:
+            done = finished_summary(self, Location.parse(input, filesystem), Location.parse(output, filesystem), cfg)
+            if done is not None:
+                if not quiet:
+                    print(f"[dedup] {output}: finished, input unchanged: nothing to do", file=sys.stderr, flush=True)
+                return replace(done, shards_skipped=done.shards, seconds=round(time.monotonic() - start, 3))
+        return run_stage(self, input, output, cfg, filesystem=filesystem, overwrite=overwrite, quiet=quiet)
+
     def report(self, out: Location, cfg: Config, summary: StageSummary, results: dict[str, PassResult]) -> list[str]:
-        return write_report(out, cfg, summary, results[DedupPairsPass.name].entries,
-                            results[DedupResolvePass.name].entries)
+        written = write_report(out, cfg, summary, results[DedupPairsPass.name].entries,
+                               results[DedupResolvePass.name].entries)
+        if not cfg.dedup.keep_intermediates:  # every output shard is committed: the shuffle's copies go
+            for folder in INTERMEDIATES:
+                out.join(folder).delete_tree()
+        return written
+
+
+def finished_summary(stage: DedupStage, input: Location, out: Location, cfg: Config) -> StageSummary | None:
+    """The stage summary of a finished output whose intermediates are gone, when every output shard
+    was made from the input shards as they are now with this config; None otherwise (run_stage
+    then runs, redoing what changed)."""
+    summary = out.join(MANIFEST_DIR, SUMMARY_FILE)
+    if not summary.exists() or out.join(DedupPartitionPass.folder, MANIFEST_DIR, STAGE_FILE).exists():
+        return None
+    last = stage.passes()[-1]
+    refuse_changed_config(stage.name, last, out, cfg)  # another threshold: the usual clear refusal
+    shards = Pass.list_shards(last, PassContext(stage.name, input, out, out, cfg))
+    entries = read_manifest_entries(out)
+    made_from = {k: str(e.get("input_stamp", "")).split(REMOVED_MARK)[0] for k, e in entries.items()}
+    if made_from != {s.name: s.stamp for s in shards}:
+        return None
+    return StageSummary(**read_json(summary))
 
 
 # ------------------------------------------------------------------------------------ report

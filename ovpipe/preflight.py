@@ -138,7 +138,7 @@ def check_input(entry: StageEntry, stage: Stage, input: str, output: str, cfg: A
     producers = _producers(entry)
     writer = _stage_output_writer(loc)
     if writer is not None:
-        if writer not in producers and not _has_needed_columns(name, loc):
+        if writer not in producers and not _has_needed_columns(name, loc, needed_columns(name, cfg)):
             wants = _ovpipe(producers) if producers else raw_kinds(entry)
             what = ("this is not a pack folder: " if name == "train" else "") + \
                 f"{loc.uri()!r} is the output of `ovpipe {writer}`"
@@ -148,6 +148,12 @@ def check_input(entry: StageEntry, stage: Stage, input: str, output: str, cfg: A
         if not committed:
             raise UserError(f"{name}: {loc.uri()!r} holds no committed shard of `ovpipe {writer}` yet; run "
                             f"`ovpipe {writer}` into it to completion first")
+        needed = needed_columns(name, cfg) or ()
+        if writer == "assign" and "embedding" in needed and not _has_needed_columns(name, loc, needed):
+            # a producer's output without the embeddings: assign drops them unless told to keep them
+            raise UserError(f"{name}: {loc.uri()!r} (the output of `ovpipe assign`) lacks the columns "
+                            f"{list(needed)} that `ovpipe {name}` reads (assign drops the embeddings unless "
+                            f"assign.keep_embedding=true: re-run it so); {_fix_input(entry)}")
         return committed
     if name == "train":
         return _check_pack_files(loc)
@@ -157,13 +163,23 @@ def check_input(entry: StageEntry, stage: Stage, input: str, output: str, cfg: A
     if not files:
         raise UserError(f"{name}: no input shards under {loc.uri()!r}; {_fix_input(entry)}")
     for f in files[:SAMPLED_FILES]:
-        _check_file(entry, f, producers)
+        _check_file(entry, f, producers, needed_columns(name, cfg))
     return len(files)
 
 
-def _has_needed_columns(name: str, loc: Location) -> bool:
+def needed_columns(name: str, cfg: Any) -> tuple[str, ...] | None:
+    """NEEDED_COLUMNS; decontaminate's depend on its evaluation sets: embeddings for images compared
+    by cosine, image references for phash only, conversations for questions (merge's output)."""
+    if name != "decontaminate":
+        return NEEDED_COLUMNS.get(name)
+    d = cfg.decontaminate
+    images = (("embedding",) if d.method != "phash" else ("image_uri",)) if d.benchmarks else ()
+    return ("sample_id", *images, *(("conversations",) if d.questions else ()))
+
+
+def _has_needed_columns(name: str, loc: Location, needed: tuple[str, ...] | None = None) -> bool:
     """Whether a stage output's first committed data shard has what this stage needs."""
-    needed = NEEDED_COLUMNS.get(name)
+    needed = needed or NEEDED_COLUMNS.get(name)
     entries = read_manifest_entries(loc)
     first = next((e["output"] for _, e in sorted(entries.items()) if e.get("output")), None)
     if needed is None or first is None:
@@ -185,7 +201,7 @@ def _input_files(stage: Stage, loc: Location, output: str, cfg: Any) -> list[Loc
         return None
 
 
-def _check_file(entry: StageEntry, f: Location, producers: list[str]) -> None:
+def _check_file(entry: StageEntry, f: Location, producers: list[str], needed: tuple[str, ...] | None = None) -> None:
     name = entry.name
     info = f.fs.get_file_info(f.path)
     if info.type != info.type.File:
@@ -197,7 +213,7 @@ def _check_file(entry: StageEntry, f: Location, producers: list[str]) -> None:
         if head[:4] != b"PAR1" or tail != b"PAR1":
             raise UserError(f"{name}: {f.uri()!r} is not a Parquet file (it starts with {head[:12]!r}); "
                             f"{_fix_input(entry)}")
-        _check_columns(entry, f, producers)
+        _check_columns(entry, f, producers, needed)
     elif f.path.endswith(".tar"):
         if head[257:262] != b"ustar":
             raise UserError(f"{name}: {f.uri()!r} is not a tar file; {_fix_input(entry)}")
@@ -212,9 +228,11 @@ def _check_file(entry: StageEntry, f: Location, producers: list[str]) -> None:
             raise UserError(f"{name}: {f.uri()!r} is not one of {RAW_KINDS}; {_fix_input(entry)}") from None
 
 
-def _check_columns(entry: StageEntry, f: Location, producers: list[str]) -> None:
+def _check_columns(entry: StageEntry, f: Location, producers: list[str], needed: tuple[str, ...] | None = None) -> None:
     with f.fs.open_input_file(f.path) as fh:
         names = set(pq.ParquetFile(fh).schema_arrow.names)
+    if entry.name == "decontaminate" and needed and set(needed) <= names:
+        return  # what its evaluation sets read (conversations for questions) is there
     if entry.name == "pack":
         if "num_tokens" in names or "conversations" in names or {"caption", "image_uri"} <= names:
             return
@@ -454,6 +472,11 @@ def plan_pipeline(cfg: Any, *, overwrite: bool = False) -> list[StepPlan]:
             continue
         source_name = pipeline.input_step(entry, names, cfg)
         source = folders.get(source_name, raw)
+        if entry.name == "decontaminate" and cfg.decontaminate.questions and source_name in names:
+            raise UserError("run: decontaminate.questions matches the questions of instruction data (merge's "
+                            f"output), but this run's decontaminate step reads {source_name}'s image rows; run "
+                            "`ovpipe decontaminate --input MERGE_OUT --set decontaminate.questions=[...]` on "
+                            "merge's output instead, and leave decontaminate.questions empty here")
         if NEEDED_COLUMNS.get(entry.name, ()).count("embedding") and source_name == "assign" \
                 and not cfg.assign.keep_embedding:  # assign drops the embeddings unless told to keep them
             raise UserError(f"run: {entry.name} compares embeddings, but assign (its input) drops them; "

@@ -127,7 +127,10 @@ STAGES: list[StageEntry] = [
                "--threshold": Flag("decontaminate.threshold", float, "cosine at or above which images match"),
                "--method": Flag("decontaminate.method", str, "besides exact bytes", ("both", "embedding", "phash")),
                "--phash-bits": Flag("decontaminate.phash_bits", int, "perceptual-hash Hamming distance at or "
-                                    "below which images match")},
+                                    "below which images match"),
+               "--questions": Flag("decontaminate.questions", str, "evaluation questions (text side, on "
+                                   "merge's output): a .parquet/.jsonl file or NAME=PATH (repeatable)",
+                                   action="append")},
         example="ovpipe decontaminate --input out/dedup --output out/decontaminate --benchmarks evals/mmbench "
                 "--benchmarks evals/textvqa.parquet"),
     StageEntry(

@@ -128,6 +128,12 @@ def stage_details(stage: dict[str, Any], folder: Location) -> dict[str, Any]:
         out["plots"] = [p for p in [_png(folder.join("pack_stats.png"))] if p]
     elif name == "train":
         out.update(_train_details(folder))
+    elif name == "merge":
+        out["figures"] = _merge_figures(_read_json_or_none(folder.join("merge_report.json")) or {})
+        out["plots"] = _registered_plots(name, folder)
+    elif name in ("dedup", "decontaminate"):  # their reports (curation/dedup.py, decontaminate.py)
+        out["figures"] = _removal_figures(_read_json_or_none(folder.join("_report", f"{name}_report.json")) or {})
+        out["plots"] = _registered_plots(name, folder)
     else:
         out["figures"] = {"shards": stage.get("shards"), "resumed shards": stage.get("shards_skipped")}
         out["plots"] = _registered_plots(name, folder)
@@ -136,6 +142,30 @@ def stage_details(stage: dict[str, Any], folder: Location) -> dict[str, Any]:
         out["figures"][f"{reason}: retried / recovered / still failing"] = (
             f"{c.get('retried', 0):,} / {c.get('recovered', 0):,} / {c.get('still_failing', 0):,}")
     return out
+
+
+def _merge_figures(rep: dict[str, Any]) -> dict[str, Any]:
+    """merge_report.json (curation/merge_report.py): each category's share before dedup -> after
+    dedup -> after the mixture, and the samples dedup removed, by reason."""
+    shares = rep.get("shares", {})
+    steps = [shares.get(k, {}) for k in ("before_dedup", "after_dedup", "after_mixture")]
+    figures: dict[str, Any] = {
+        f"share of {c} (before dedup -> after dedup -> after mixture)": " -> ".join(f"{s.get(c, 0):.1%}" for s in steps)
+        for c in sorted(set().union(*steps))}
+    for reason, n in sorted(rep.get("dropped_by_reason", {}).get("merge_dedup", {}).items()):
+        figures[f"removed by dedup: {reason}"] = n
+    return figures
+
+
+def _removal_figures(data: dict[str, Any]) -> dict[str, Any]:
+    """dedup's and decontaminate's key figures: what was removed, at which threshold, per benchmark."""
+    figures = {"removed": data.get("removed"), "method": data.get("method"),
+               "threshold (cosine)": data.get("threshold"), "phash bits": data.get("phash_bits")}
+    for t, n in (data.get("removed_at_threshold") or {}).items():
+        figures[f"would remove at cosine {t}"] = n
+    for bench, n in (data.get("overlaps_per_benchmark") or {}).items():
+        figures[f"overlaps: {bench}"] = n
+    return figures
 
 
 def _registered_plots(name: str, folder: Location) -> list[dict[str, Any]]:

@@ -66,7 +66,7 @@ def test_pack_of_an_assign_output_names_the_stage_it_reads(tmp_path, capfd):
     assign = _fake_output(tmp_path / "assign", "assign")
     rc, lines = _run(capfd, "pack", "--input", str(assign), "--output", str(tmp_path / "pack"))
     _assert_one_error(rc, lines, "is the output of `ovpipe assign`",
-                      "pass --input the output folder of `ovpipe caption`")
+                      "pass --input the output folder of `ovpipe merge` or `ovpipe caption`")
 
 
 def test_a_foreign_parquet_without_the_columns_a_stage_reads_is_refused(tmp_path, capfd):

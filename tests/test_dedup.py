@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -78,7 +79,7 @@ def scores(ledger, group: dict[str, int]) -> dict[str, float]:
 
 def run_dedup(inp: Path, out: Path, *overrides: str, executor=LOCAL):
     cfg = load_config(overrides=executor + THUMB + ["dedup.clusters=4", "dedup.partitions=3", *overrides])
-    return run_stage(DedupStage(), str(inp), str(out), cfg, quiet=True)
+    return DedupStage().run(str(inp), str(out), cfg, quiet=True)  # as the CLI and the pipeline run it
 
 
 def test_recall_precision_per_method_and_one_vs_five_shards(chain, corpus, tmp_path, ray_address):
@@ -105,6 +106,11 @@ def test_recall_precision_per_method_and_one_vs_five_shards(chain, corpus, tmp_p
     at = report["removed_at_threshold"]
     assert at["0.85"] >= at["0.9"] >= at["0.95"] >= at["0.98"] and report["examples"]
     assert (tmp_path / "both" / "_report" / "pairs.png").stat().st_size > 1000
+    from ovpipe.report import write_report  # the run report shows the key figures and the contact sheet
+
+    html = Path(write_report(str(tmp_path / "both"), str(tmp_path / "r.html"))).read_text()
+    assert f"<th>removed</th><td>{report['removed']}</td>" in html and "<th>threshold (cosine)</th><td>0.95" in html
+    assert f"<th>would remove at cosine 0.85</th><td>{at['0.85']}</td>" in html and "data:image/png" in html
 
 
 def test_five_shards_byte_identical_across_worker_counts_and_partitions(chain, tmp_path, ray_address):
@@ -145,6 +151,36 @@ def test_methods_on_planted_vectors():
     assert removed("both") == {"id3": "id2", "id5": "id0", "id6": "id1"}  # the most similar kept partner
 
 
+def test_a_big_cluster_is_compared_in_bounded_memory(monkeypatch):
+    """One cluster of 3,000 rows (a skewed k-means): the same pairs, in the same order, as all pairs
+    at once, while the working memory stays at a few block x block tiles (all rows against a block
+    of rows took ~7 MB here, growing with the cluster)."""
+    import tracemalloc
+
+    from curation import dedup
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    emb = rng.standard_normal((n, 16)).astype(np.float32)
+    emb[1::50] = emb[::50] + 0.01 * rng.standard_normal((n // 50, 16)).astype(np.float32)  # planted pairs
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    hashes = rng.integers(0, 2 ** 63, n).astype(np.uint64)
+    hashes[3::50] = hashes[2::50] ^ np.uint64(0b101)
+    has = np.ones(n, bool)
+    monkeypatch.setattr(dedup, "BLOCK", 128)
+    tracemalloc.start()
+    i, j, c, h = dedup.candidate_edges(emb, hashes, has, 0.95, 4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2e6, peak
+    sims = emb @ emb.T
+    ham = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    ri, rj = np.nonzero(np.tril((sims >= 0.95) | (ham <= 4), -1))  # row-major: sorted by (i, j)
+    assert len(ri) >= 2 * (n // 50)
+    assert np.array_equal(i, ri) and np.array_equal(j, rj)
+    assert np.allclose(c, sims[ri, rj], atol=1e-6) and np.array_equal(h, ham[ri, rj])
+
+
 def test_copies_across_a_cluster_boundary_meet_through_the_probe():
     centroids = np.array([[1, 0], [0, 1]], np.float32)
     x = np.array([[0.72, 0.69], [0.69, 0.72]], np.float32)  # near twins on both sides of the boundary
@@ -154,9 +190,54 @@ def test_copies_across_a_cluster_boundary_meet_through_the_probe():
     assert assign_clusters(x, centroids, 0.0)[1].tolist() == [-1, -1]
 
 
+def test_plain_images_hashes_do_not_make_duplicates(tmp_path):
+    """Solid colours, two flat halves, text on white, screenshots: distinct ones share perceptual
+    hashes (a flat image's DCT is rounding noise). Only hashes with enough decided bits count, so
+    phash keeps its precision; the copies of the detailed ones (text, screenshots) are still found."""
+    from curation.dedup import decided_bits, phash64
+    from ovpipe.testing.near_dups import make_plain_corpus
+
+    corpus = make_plain_corpus(40, 2, seed=1)
+    emb = build_chain(tmp_path, 2, corpus)
+    group = groups_by_sample(emb, corpus)
+    found = {}
+    for guard in (0, 32):
+        run_dedup(emb, tmp_path / f"g{guard}", "dedup.method=phash", f"dedup.phash_min_decided={guard}")
+        found[guard] = scores(read_ledger(Location.parse(str(tmp_path / f"g{guard}"))), group)
+    print("plain-image phash scores (unguarded, guarded)", json.dumps(found))
+    assert found[0]["precision"] < 0.6  # the collisions are real
+    assert found[32]["precision"] == 1.0 and found[32]["distinct_kept"] == 1.0 and found[32]["recall"] > 0.3
+    from PIL import Image
+
+    flat = Image.new("L", (32, 32), 90)
+    assert decided_bits(flat) <= 1 and phash64(corpus[0].data, 32) is None  # corpus[0]: a solid colour
+    photo = make_corpus(n_base=1, copies=0, n_unrelated=0, seed=5)[0].data
+    assert phash64(photo, 32) == phash64(photo)  # a detailed image's hash is kept, unchanged
+
+
 def test_input_without_embeddings_is_a_clear_error(tmp_path, chain):
     with pytest.raises(RuntimeError, match="keep_embedding"):
         run_dedup(chain[5].parent / "ingest", tmp_path / "x")
+
+
+def test_dry_run_on_an_assign_output_without_embeddings_is_refused_before_ray(chain, tmp_path, capfd, monkeypatch):
+    """assign drops embeddings by default: `ovpipe dedup` (--dry-run, and a real run's preflight)
+    says so before Ray starts or anything is written; embed's output passes."""
+    from curation.assign import AssignStage
+    from ovpipe import cli
+    from ovpipe.core import executor
+
+    assigned = tmp_path / "assign"
+    run_stage(AssignStage(), str(chain[5]), str(assigned),
+              load_config(overrides=LOCAL + THUMB + [f"assign.cache_dir={tmp_path / 'concepts'}"]), quiet=True)
+    monkeypatch.setattr(executor, "ensure_ray", lambda *a, **k: pytest.fail("Ray started"))
+    sets = [x for kv in THUMB for x in ("--set", kv)]
+    for dry in (["--dry-run"], []):
+        rc = cli.main(["dedup", "--input", str(assigned), "--output", str(tmp_path / "out"), *dry, *sets])
+        err = capfd.readouterr().err
+        assert rc != 0 and "lacks the columns" in err and "assign.keep_embedding=true" in err, err
+        assert not (tmp_path / "out").exists()
+    assert cli.main(["dedup", "--input", str(chain[5]), "--output", str(tmp_path / "ok"), "--dry-run", *sets]) == 0
 
 
 def test_rerun_resumes_and_changed_threshold_is_refused(chain, tmp_path):
@@ -168,6 +249,39 @@ def test_rerun_resumes_and_changed_threshold_is_refused(chain, tmp_path):
     assert again.dropped_rows == first.dropped_rows
     with pytest.raises(Exception, match="threshold"):
         run_dedup(chain[5], out, "dedup.threshold=0.9")
+
+
+def test_intermediates_are_removed_unless_kept_and_a_changed_input_redoes_every_shard(chain, tmp_path):
+    """After the stage committed, its shuffle (a copy of every embedding) is gone; a re-run of the
+    finished output does nothing; a changed input recomputes it and redoes every output shard (which
+    rows a shard keeps depends on all of them), giving what a fresh run gives."""
+    import shutil
+
+    from curation.dedup import INTERMEDIATES, SHUFFLE
+
+    inp = tmp_path / "in"
+    shutil.copytree(chain[5], inp)
+    out = tmp_path / "out"
+    run_dedup(inp, out)
+    assert not any((out / f).exists() for f in INTERMEDIATES) and (out / "_report" / "dedup_report.json").exists()
+    before = data_files(out)
+    again = run_dedup(inp, out)
+    assert again.shards_skipped == again.shards and data_files(out) == before
+    assert not any((out / f).exists() for f in INTERMEDIATES)  # nothing was recomputed
+    run_dedup(inp, tmp_path / "kept", "dedup.keep_intermediates=true")
+    assert all((tmp_path / "kept" / f / "_manifest").is_dir() for f in SHUFFLE)
+    # shard 0 loses the samples that other shards' rows were ledgered against
+    ledger = read_ledger(Location.parse(str(out))).to_dicts()
+    kept_ids = {re.search(r"kept=(\w+)", r["detail"]).group(1) for r in ledger}
+    first = list_input_shards(Location.parse(str(inp)))[0]
+    table = read_table(first)
+    drop = pa.array([s in kept_ids for s in table.column("sample_id").to_pylist()])
+    assert pa.compute.sum(drop).as_py() > 0
+    pq.write_table(table.filter(pa.compute.invert(drop)), first.path)
+    redone = run_dedup(inp, out)
+    assert redone.shards_skipped < redone.shards
+    run_dedup(inp, tmp_path / "fresh")
+    assert data_files(out) == data_files(tmp_path / "fresh") != before
 
 
 @pytest.mark.slow  # a subprocess driver and a Ray job: tens of seconds

@@ -6,7 +6,9 @@ up to 5 % per side, or converted to PNG; every copy draws its own alteration), a
 images with no copy. ``group`` names the base image an item was made from (its own index for a
 base or unrelated image), so a test knows which pairs are true duplicates. Images are random
 shapes over smooth random backgrounds (low-frequency content, like photographs), 96-256 px.
-``write_parquet`` writes them in N shards with ``image`` bytes (ingest's input).
+``make_plain_corpus`` makes low-detail images (solid colours, text on white, screenshots) and their
+copies: distinct images whose perceptual hashes collide. ``write_parquet`` writes them in N shards
+with ``image`` bytes (ingest's input).
 """
 
 from __future__ import annotations
@@ -76,6 +78,57 @@ def make_corpus(n_base: int = 40, copies: int = 4, n_unrelated: int = 40, seed: 
             items.append(Item(f"base{g:04d}-copy{c}", g, kind, alter(img, kind, rng)))
     for u in range(n_unrelated):
         items.append(Item(f"other{u:04d}", n_base + u, "unrelated", encode(base_image(rng), "JPEG", 95)))
+    return items
+
+
+PLAIN_KINDS = ("solid", "text", "screenshot", "split")
+WORDS = ("the", "model", "data", "image", "table", "result", "figure", "page", "total", "value", "score",
+         "train", "report", "loss", "step", "batch", "token", "sample", "order", "invoice", "date", "name")
+
+
+def plain_image(kind: str, rng: np.random.Generator) -> Image.Image:
+    """A low-detail image of the kinds whose perceptual hashes collide: a solid colour, text on white
+    (a document), a screenshot (flat panels, a title bar, lines of text), two flat halves."""
+    w, h = (int(v) for v in rng.integers(160, 321, 2))
+    colour = lambda: tuple(int(c) for c in rng.integers(0, 256, 3))  # noqa: E731
+    if kind == "solid":
+        return Image.new("RGB", (w, h), colour())
+    if kind == "split":
+        img = Image.new("RGB", (w, h), colour())
+        box = [0, 0, w // 2, h] if rng.random() < 0.5 else [0, 0, w, h // 2]
+        ImageDraw.Draw(img).rectangle(box, fill=colour())
+        return img
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    top = 6
+    if kind == "screenshot":
+        grey = int(rng.integers(200, 245))
+        draw.rectangle([0, 0, w, 20], fill=colour())  # a title bar
+        side = int(rng.integers(30, w // 3))
+        draw.rectangle([0, 20, side, h], fill=(grey, grey, grey))  # a side panel
+        draw.rectangle([side + 10, h - 40, side + 90, h - 15], fill=colour())  # a button
+        top = 28
+    font_size = int(rng.integers(9, 15))
+    x0 = 6 if kind == "text" else w // 3
+    for y in range(top, h - 10, font_size + 4):
+        line = " ".join(WORDS[int(k)] for k in rng.integers(0, len(WORDS), int(rng.integers(2, 9))))
+        draw.text((x0, y), line, fill=(0, 0, 0))
+    return img
+
+
+def make_plain_corpus(n: int = 60, copies: int = 2, seed: int = 0) -> list[Item]:
+    """``n`` distinct low-detail images (solid colours, text on white, screenshots, flat halves; kinds
+    in turn), each with ``copies`` altered copies (the ALTERATIONS of ``make_corpus``): the images a
+    perceptual hash cannot tell apart; ``group`` as in make_corpus."""
+    rng = np.random.default_rng(seed)
+    items: list[Item] = []
+    for g in range(n):
+        kind = PLAIN_KINDS[g % len(PLAIN_KINDS)]
+        img = plain_image(kind, rng)
+        items.append(Item(f"plain{g:04d}-{kind}", g, "original", encode(img, "PNG")))
+        for c in range(copies):
+            alt = ALTERATIONS[(g + c) % len(ALTERATIONS)]
+            items.append(Item(f"plain{g:04d}-copy{c}", g, alt, alter(img, alt, rng)))
     return items
 
 
