@@ -6,13 +6,16 @@
     own; it reports its CPU seconds, peak RSS, the bytes of Ray Data blocks it receives and the
     bytes it reads and writes (/proc/self/io). Three inputs separate per-image from per-shard
     cost: (N1 images, S1 shards), (N2, S1) and (N1, S2). Each is run with this tree's code and
-    with a baseline tree (default /tmp/base: `git worktree add /tmp/base HEAD` of the commit
-    before), interleaved baseline/new.
-(b) Global steps on synthetic inputs at two sizes (caption global dedup, balance selection), on
-    the same cluster: wall time, peak RSS of the driver and of the largest Ray worker process,
-    growth exponent log(t2/t1)/log(n2/n1), and the driver's bytes per sample.
+    with a baseline tree (default /tmp/base: `mkdir /tmp/base && git archive 80edea7 | tar -x -C
+    /tmp/base`, the commit before issue 15), interleaved baseline/new.
+(b) Global steps on synthetic inputs at two sizes each (STEP_SIZES: ingest's global dedup,
+    caption's global dedup, balance's selection + report, pack), on the same cluster, each a
+    driver process of its own: wall time, peak RSS of the driver and of the largest Ray worker
+    process, growth exponent log(t2/t1)/log(n2/n1), and the driver's bytes per sample (its peak
+    RSS growth between the sizes over the added rows).
 
     nice -n 10 python benchmarks/scale.py [--base /tmp/base] [--work /tmp/ovpipe-scale] [--quick]
+        [--steps ingest_dedup,pack] [--steps-only | --embed-only]
 
 Prints one JSON object last (`headline_ratio` = driver bytes per image, baseline / new) and saves
 benchmarks/results/scale.json.
@@ -29,95 +32,21 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 TINY = ["embed.model=ovpipe-tiny-clip", "embed.pretrained=random", "embed.batch_size=64",
         "embed.pool_size=2", "embed.num_cpus_per_actor=1", "embed.decode_rows=256"]
 IMAGES_PER_CONTAINER = 100
-CLUSTER_NODES: dict[str, list[int]] = {}  # address -> its nodes' `ray start` process ids
 
 
 # ------------------------------------------------------------------------------ the cluster
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def cluster(worker_cpus: int = 2, object_store_mb: int = 400):
-    """A head (0 CPUs: the driver's node) and two worker nodes, each `ray start --block` in its own
-    process group; yields the GCS address. Stopped by those groups' ids, then by this cluster's
-    temp dir (no `ray stop`: other Ray instances on the machine are left alone)."""
-    temp_dir = tempfile.mkdtemp(prefix="ovs", dir="/tmp")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    gcs = _free_port()
-    procs = []
-
-    def start(*args: str) -> None:
-        ports = [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                 f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-        procs.append(subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-             f"--object-store-memory={object_store_mb << 20}", *ports, *args],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-
-    try:
-        start("--head", f"--port={gcs}", "--num-cpus=0", "--include-dashboard=false",
-              f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}")
-        address = f"127.0.0.1:{gcs}"
-        _wait_nodes(address, 1, env)
-        CLUSTER_NODES[address] = [p.pid for p in procs]
-        for n, lo in ((2, 20000), (3, 30000)):  # one at a time: two joining at once lost one (seen)
-            start(f"--address={address}", f"--num-cpus={worker_cpus}",
-                  f"--min-worker-port={lo}", f"--max-worker-port={lo + 999}")
-            _wait_nodes(address, n, env)
-            CLUSTER_NODES[address].append(procs[-1].pid)
-        yield address
-    finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        time.sleep(3)
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        _kill_leftovers(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _kill_leftovers(temp_dir: str) -> None:
-    """Ray workers re-parented out of the nodes' groups: each names this cluster's own temp dir."""
-    import psutil
-
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        with contextlib.suppress(Exception):
-            if any(temp_dir in part for part in p.info["cmdline"] or ()) and p.info["pid"] != os.getpid():
-                os.kill(p.info["pid"], signal.SIGKILL)
-
-
-def _wait_nodes(address: str, n: int, env: dict, timeout_s: float = 180) -> None:
-    probe = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(sum(1 for x in ray.nodes() if x['Alive']))")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip().splitlines() and int(out.stdout.strip().splitlines()[-1]) >= n:
-            return
-        time.sleep(2)
-    raise RuntimeError(f"the Ray cluster at {address} did not reach {n} nodes in {timeout_s:.0f} s")
-
+# ovpipe/testing/ray_cluster.py (shared with tests/test_scale.py's two-node test), imported where
+# used: the driver and step processes must import ovpipe from the tree they measure (PYTHONPATH).
 
 class RayRssSampler:
     """Peak RSS of the largest Ray worker process of this cluster (the workers descend from its
@@ -345,6 +274,53 @@ def make_balance_rows(root: Path, n: int, shards: int, concepts: int = 500_000, 
     return out
 
 
+def make_ingest_rows(root: Path, n: int, shards: int) -> Path:
+    """Raw image-bytes Parquet shards for ingest's dedup (its fast path hashes the `image` column):
+    16-byte random blobs, ~2% of them copies of blobs anywhere earlier in the input."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = root / f"ing-{n}"
+    if out.exists():
+        return out
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    per = math.ceil(n / shards)
+    pool = np.zeros((0, 16), np.uint8)
+    for s in range(shards):
+        m = min(per, n - s * per)
+        blobs = rng.integers(0, 256, (m, 16), dtype=np.uint8)
+        dup = np.flatnonzero(rng.random(m) < 0.02)
+        if len(pool):
+            blobs[dup] = pool[rng.integers(0, len(pool), len(dup))]
+        pool = blobs[:1000] if s == 0 else pool  # copies of the first shard's images, across the input
+        pq.write_table(pa.table({"image": pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(16), m, [None, pa.py_buffer(blobs.tobytes())]).cast(pa.binary())}), out / f"part-{s:05d}.parquet")
+    return out
+
+
+def make_pack_rows(root: Path, n: int, shards: int) -> Path:
+    """Lengths-only pack input (sample_id + num_tokens): a long-tailed length mix up to 8K tokens."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = root / f"pack-{n}"
+    if out.exists():
+        return out
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    per = math.ceil(n / shards)
+    for s in range(shards):
+        m = min(per, n - s * per)
+        h = rng.integers(0, 2**63, m, dtype=np.uint64)
+        tokens = np.minimum(8192, 64 + rng.lognormal(6.0, 0.8, m).astype(np.int64))
+        pq.write_table(pa.table({"sample_id": [f"{x:016x}" for x in h.tolist()],
+                                 "num_tokens": pa.array(tokens, pa.int32())}), out / f"part-{s:05d}.parquet")
+    return out
+
+
 def step_main(args) -> None:
     """One global step as a driver process (started by `run_step`)."""
     import logging
@@ -365,6 +341,22 @@ def step_main(args) -> None:
         n_rows = int(args.rows)
         _, losers, _ = find_duplicates(shards, cfg.caption, cfg, Location.parse(args.output), n_rows)
         extra = {"losers": losers}
+    elif args.step == "ingest_dedup":  # the stage's prepare(): the shuffle and what the driver keeps of it
+        from curation.ingest import IngestStage
+        from ovpipe.core.stage import PassContext
+
+        cfg = load_config(overrides=["ingest.dedup_partitions=8"])
+        stage, out = IngestStage(), Location.parse(args.output)
+        ctx = PassContext("ingest", Location.parse(args.input), out, out, cfg, {}, True)
+        stage.prepare(ctx, stage.list_shards(ctx))
+        extra = {"losers": stage.duplicate_count()}
+    elif args.step == "pack":
+        from ovpipe.core.stage import run_stage
+        from packing.stage import PackStage
+
+        cfg = load_config(overrides=["pack.plot=false"])
+        s = run_stage(PackStage(), args.input, args.output, cfg, quiet=True)
+        extra = {"packs": s.kept_rows}
     else:
         from curation.balance import BalanceStage
         from ovpipe.core.stage import run_stage
@@ -382,6 +374,8 @@ def run_step(step: str, address: str, src: Path, out: Path, rows: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=address, RAY_AUTH_MODE="disabled")
     cmd = ["nice", "-n", "10", sys.executable, str(Path(__file__).resolve()), "step", "--step", step,
            "--code", str(REPO), "--address", address, "--input", str(src), "--output", str(out), "--rows", str(rows)]
+    from ovpipe.testing.ray_cluster import CLUSTER_NODES
+
     with RayRssSampler(CLUSTER_NODES[address]) as sampler:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
     if res.returncode:
@@ -391,11 +385,27 @@ def run_step(step: str, address: str, src: Path, out: Path, rows: int) -> dict:
     return r
 
 
-def global_steps(address: str, work: Path, sizes: tuple[int, int], rows_per_shard: int) -> dict:
-    out = {}
-    for step, make in (("caption_dedup", make_caption_rows), ("balance", make_balance_rows)):
+MAKERS = {"ingest_dedup": make_ingest_rows, "caption_dedup": make_caption_rows, "balance": make_balance_rows,
+          "pack": make_pack_rows}
+
+
+# Rows per step (two sizes each): the largest each step finishes in on this 2-core machine within
+# the session's time (disk for the inputs is not the limit: 55 GB free).
+STEP_SIZES = {"ingest_dedup": (2_000_000, 10_000_000), "caption_dedup": (8_000_000, 40_000_000),
+              "balance": (8_000_000, 40_000_000), "pack": (500_000, 2_000_000)}
+
+
+def global_steps(address: str, work: Path, sizes: dict[str, tuple[int, int]], rows_per_shard: int,
+                 saved: Path) -> dict:
+    """Runs the steps in `sizes`; the others come from `saved` (earlier runs), which is rewritten
+    after each step so a failed or cut-short run keeps what it measured."""
+    out = json.loads(saved.read_text()) if saved.exists() else {}
+    if not sizes:
+        return out
+    for step in sizes:  # in the order asked
+        make = MAKERS[step]
         runs = []
-        for n in sizes:
+        for n in sizes[step]:
             src = make(work, n, max(1, n // rows_per_shard))
             r = run_step(step, address, src, work / "out" / step, n)
             r["rows"] = n
@@ -408,7 +418,9 @@ def global_steps(address: str, work: Path, sizes: tuple[int, int], rows_per_shar
             "driver_peak_rss_growth_mb": b["peak_rss_mb"] - a["peak_rss_mb"],
             # what the driver holds per sample: its RSS growth between the sizes over the added rows
             "driver_bytes_per_sample": max(0.0, (b["peak_rss_mb"] - a["peak_rss_mb"]) * 2**20 / (b["rows"] - a["rows"])),
+            "largest_process_peak_rss_mb": max(max(r["peak_rss_mb"], r["largest_worker_rss_mb"]) for r in runs),
         }
+        saved.write_text(json.dumps(out))
     return out
 
 
@@ -424,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--steps-only", action="store_true", help="reuse the saved embed figures; run (b) only")
     ap.add_argument("--embed-only", action="store_true", help="reuse the saved step figures; run (a) only")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: the result from the saved figures")
+    ap.add_argument("--steps", default=",".join(STEP_SIZES), help="the global steps to run (the others: "
+                    "their saved figures)")
     ap.add_argument("--code"), ap.add_argument("--address"), ap.add_argument("--input"), ap.add_argument("--output")
     ap.add_argument("--step"), ap.add_argument("--rows")
     args = ap.parse_args(argv)
@@ -433,24 +448,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "step":
         step_main(args)
         return 0
+    from ovpipe.testing.ray_cluster import cluster
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the cluster's `finally` runs on SIGTERM too
     work = Path(args.work)
     base = Path(args.base) if args.base and Path(args.base, "curation", "embed.py").exists() else None
     n1, n2, s1, s2 = (1000, 3000, 4, 20) if args.quick else (4000, 20000, 4, 40)
-    sizes = (20_000, 80_000) if args.quick else (1_000_000, 8_000_000)
+    wanted = [x for x in args.steps.split(",") if x]
+    sizes = {k: (20_000, 80_000) if args.quick else STEP_SIZES[k] for k in wanted}
     partial = work / "embed_figures.json"  # (a) is kept if (b) fails: --steps-only reruns (b) alone
-    with cluster() as address:
-        if args.steps_only and partial.exists():
-            embed = json.loads(partial.read_text())
-        else:
-            embed = embed_driver_costs(address, work, base, n1, n2, s1, s2, args.repeats)
-            partial.write_text(json.dumps(embed))
-        saved_steps = work / "steps_figures.json"
-        if args.embed_only and saved_steps.exists():
-            steps = json.loads(saved_steps.read_text())
-        else:
-            steps = global_steps(address, work, sizes, rows_per_shard=50_000)
-            saved_steps.write_text(json.dumps(steps))
+    saved_steps = work / ("steps_quick.json" if args.quick else "steps_figures.json")
+    if args.report_only:
+        embed, steps = json.loads(partial.read_text()), json.loads(saved_steps.read_text())
+    else:
+        with cluster() as address:
+            if args.steps_only and partial.exists():
+                embed = json.loads(partial.read_text())
+            else:
+                embed = embed_driver_costs(address, work, base, n1, n2, s1, s2, args.repeats)
+                partial.write_text(json.dumps(embed))
+            steps = global_steps(address, work, {} if args.embed_only else sizes, 50_000, saved_steps)
     new, old = embed["new"], embed.get("baseline")
     result = {
         "benchmark": "scale",
@@ -464,9 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": None if old is None else {k: round(v, 2) for k, v in old.items() if isinstance(v, (int, float))},
         "embed_runs": {name: figures["runs"] for name, figures in embed.items()},
         "global_steps": steps,
-        "global_step_sizes": {"rows": list(sizes), "note": "far below the issue's 10M/40M/85M: this is a 2-core, "
-                              "24 GB machine shared by several engineers; see docs/architecture.md for the "
-                              "extrapolation"},
+        "global_step_sizes": {k: [r["rows"] for r in v["runs"]] for k, v in steps.items()},
+        "global_step_note": "sizes below the issue's 40M/85M where a step would not finish in this session on "
+                            "a 2-core, 24 GB machine shared by several engineers; docs/architecture.md extrapolates",
+        "max_growth_exponent": round(max(s["growth_exponent"] for s in steps.values()), 3) if steps else None,
         "max_driver_bytes_per_sample": round(max(
             [new["driver_bytes_per_image"]] + [s["driver_bytes_per_sample"] for s in steps.values()]), 2),
         "headline_ratio": None if old is None else round(old["driver_bytes_per_image"] / max(new["driver_bytes_per_image"], 1e-9), 2),

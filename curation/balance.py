@@ -58,6 +58,7 @@ from curation.balance_core import (
     REASONS,
     BalanceState,
     ShardRows,
+    add_sparse,
     check_size_options,
     concept_counts,
     concept_weights,
@@ -73,10 +74,12 @@ from curation.balance_core import (
     passes_cutoff,
     read_columns,
     required_columns,
+    shard_groups,
     shard_rows,
     size_from,
     solve_threshold,
     source_counts,
+    sparse,
     uniforms,
 )
 from curation.balance_report import write_report
@@ -107,19 +110,19 @@ def _load(bcfg: BalanceSection, loc: Location) -> ShardRows:
     return shard_rows(read_columns(loc, bcfg.weighting), bcfg.weighting, bcfg.top_k, bcfg.num_concepts)
 
 
-def _read_counts(loc: Location) -> tuple[np.ndarray, np.ndarray]:
-    """(concept ids, counts) of one committed counts shard."""
-    t = read_table(loc, list(COUNTS_SCHEMA.names))
-    return t.column("concept_id").to_numpy(), t.column("count").to_numpy()
+def _read_counts(locs: list[Location]) -> tuple[np.ndarray, np.ndarray]:
+    """(concept ids, counts) summed over a group of committed counts shards."""
+    total = np.zeros(0, dtype=np.int64)
+    for loc in locs:
+        t = read_table(loc, list(COUNTS_SCHEMA.names))
+        total = add_sparse(total, t.column("concept_id").to_numpy(), t.column("count").to_numpy())
+    return sparse(total)
 
 
 def _shard_keys(bcfg: BalanceSection, counts: np.ndarray, seed: int, loc: Location) -> tuple[np.ndarray, np.ndarray]:
     rows = _load(bcfg, loc)
     w = concept_weights(rows.lists, counts, bcfg.weighting)
     return es_keys(rows.sample_hash, w, seed), rows.sample_hash
-
-
-HISTOGRAM_GROUP = 32  # shards per histogram task: the driver gets one 512 KB histogram per group
 
 
 def histogram_pass(bcfg: BalanceSection, counts: np.ndarray, seed: int, prefix: tuple,
@@ -131,10 +134,6 @@ def histogram_pass(bcfg: BalanceSection, counts: np.ndarray, seed: int, prefix: 
         h = key_histogram(hi, lo, prefix)
         total = h if total is None else total + h
     return total
-
-
-def shard_groups(shards: list[Location]) -> list[list[Location]]:
-    return [shards[i:i + HISTOGRAM_GROUP] for i in range(0, len(shards), HISTOGRAM_GROUP)]
 
 
 def candidates_pass(bcfg: BalanceSection, counts: np.ndarray, seed: int, prefix: tuple, loc: Location):
@@ -215,10 +214,8 @@ class BalanceSelectPass(Pass):
                                f"are now: {(stale + extra)[:5]}); re-run the same command")
         files = [done.output.join(entries[name]["output"]) for name in sorted(entries)]
         counts = np.zeros(max(cfg.balance.num_concepts, 1), dtype=np.int64)
-        for ids, c in map_shards(_read_counts, files, (), cfg, "concept counts", self._quiet):
-            if len(ids) and int(ids.max()) >= len(counts):
-                counts = np.concatenate([counts, np.zeros(int(ids.max()) + 1 - len(counts), np.int64)])
-            counts[ids] += c  # ids are unique within a shard
+        for ids, c in map_shards(_read_counts, shard_groups(files), (), cfg, "concept counts", self._quiet):
+            counts = add_sparse(counts, ids, c)
         invalid: Counter = Counter()
         sources: Counter = Counter()
         for e in entries.values():

@@ -492,6 +492,30 @@ def source_counts(rows: ShardRows) -> Counter:
 
 # ---------------------------------------------------------------- global state
 
+SHARD_GROUP = 32  # shards per reduction task: the driver gets one result per group, not per shard
+
+
+def shard_groups(shards: list[Location]) -> list[list[Location]]:
+    """The shards in groups of SHARD_GROUP, for passes whose results add up (any grouping gives the
+    same sums)."""
+    return [shards[i:i + SHARD_GROUP] for i in range(0, len(shards), SHARD_GROUP)]
+
+
+def sparse(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, counts) of the nonzero entries: what a group task sends the driver instead of a dense
+    array over every concept."""
+    ids = np.flatnonzero(counts)
+    return ids, counts[ids]
+
+
+def add_sparse(total: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """total[ids] += counts (ids unique), grown when an id is past its end; returns the total."""
+    if len(ids) and int(ids.max()) >= len(total):
+        total = np.concatenate([total, np.zeros(int(ids.max()) + 1 - len(total), total.dtype)])
+    total[ids] += counts
+    return total
+
+
 def map_shards(fn: Callable, shards: list[Location], shared: tuple, cfg: Any, label: str,
                quiet: bool = False) -> Iterator[Any]:
     """fn(*shared, shard) for every shard (ovpipe.core.executor decides: Ray tasks or this process),

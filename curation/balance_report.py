@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from curation.balance_core import BalanceState, map_shards, read_columns, shard_rows, source_counts
+from curation.balance_core import (BalanceState, add_sparse, map_shards, read_columns, shard_groups, shard_rows,
+                                   source_counts, sparse)
 from ovpipe.core.images import (MAX_FETCH_BYTES, MAX_SOURCE_PIXELS, BadImage, fetch_image_bytes, open_image,
                                 probe_image)
 from ovpipe.core.shards import MANIFEST_DIR, STAGE_FILE, Location, read_json, read_manifest_entries, write_bytes_atomic
@@ -75,10 +76,15 @@ def concept_stats(counts: np.ndarray, top: int = 50, reference_top: np.ndarray |
     return out
 
 
-def _after_pass(bcfg: BalanceSection, loc: Location) -> dict[str, Any]:
-    rows = shard_rows(read_columns(loc, "mean"), "mean", bcfg.top_k, bcfg.num_concepts)
-    return {"counts": np.bincount(rows.lists.values).astype(np.int64),
-            "sources": source_counts(rows)}
+def _after_pass(bcfg: BalanceSection, locs: list[Location]) -> dict[str, Any]:
+    """Concept counts (sparse) and usable rows per source of a group of selected shards."""
+    counts, sources = np.zeros(0, dtype=np.int64), Counter()
+    for loc in locs:
+        rows = shard_rows(read_columns(loc, "mean"), "mean", bcfg.top_k, bcfg.num_concepts)
+        counts = add_sparse(counts, *sparse(np.bincount(rows.lists.values).astype(np.int64)))
+        sources.update(source_counts(rows))
+    ids, counts = sparse(counts)
+    return {"ids": ids, "counts": counts, "sources": sources}
 
 
 def _examples_pass(bcfg: BalanceSection, concepts: np.ndarray, per_concept: int, loc: Location) -> list[tuple]:
@@ -311,11 +317,9 @@ def write_report(state: BalanceState, out: Location, cfg: Config, shards: list[L
     committed output shards and their selected (kept) rows; returns the written URIs."""
     after = np.zeros(len(state.counts), dtype=np.int64)
     sources_after: Counter = Counter()
-    for part in map_shards(_after_pass, shards, (cfg.balance,), cfg, "report counts", quiet):
-        c = part["counts"]
-        if len(c) > len(after):
-            after = np.concatenate([after, np.zeros(len(c) - len(after), np.int64)])
-        after[: len(c)] += c
+    # per group of shards, sparse: the driver holds O(concepts + shards), never a dense array per shard
+    for part in map_shards(_after_pass, shard_groups(shards), (cfg.balance,), cfg, "report counts", quiet):
+        after = add_sparse(after, part["ids"], part["counts"])
         sources_after.update(part["sources"])
     before = state.counts
     top_before = np.argsort(-before, kind="stable")[:50]

@@ -15,12 +15,14 @@ benchmarks). Production default: ``ViT-H-14-quickgelu`` + ``metaclip_fullcc``
 the PIL part (resize, crop, RGB) runs in CPU decode tasks, ToTensor + Normalize on the actor.
 
 How it runs (docs/architecture.md): pending input shards -> Ray Data ``from_items`` -> decode
-tasks (CPU; fetch + decode one shard, yield blocks of ``decode_rows`` images) -> ``EmbedActor``
+tasks (CPU; fetch + decode a shard, or a group of shards when there are more than
+``DECODE_TASKS_PER_CPU`` per cluster CPU; yield blocks of ``decode_rows`` images) -> ``EmbedActor``
 pool (GPU when the cluster has GPUs, CPU otherwise; each actor writes its rows of a shard to a
 part file ``OUT/_tmp/embed-parts/<run>/<shard index>-<first row>.arrow`` and hands on one small
 record) -> the driver counts each shard's rows (no embedding reaches it) -> once a shard is
-complete, a ``Committer`` actor (one per node) assembles its parts and commits it (data, ledger, manifest
-entry last) with ``ovpipe.core.stage.commit_shard``, then deletes the parts. Every forward pass is padded to ``batch_size`` rows: with a fixed GEMM
+complete, a ``Committer`` actor (one per node; the run's tasks reach it once, and each call names only
+the shards completed by one block and their parts) assembles its parts and commits it (data, ledger,
+manifest entry last) with ``ovpipe.core.stage.commit_shard``, then deletes the parts. Every forward pass is padded to ``batch_size`` rows: with a fixed GEMM
 shape, an image's embedding on CPU is bit-identical whatever its batch-mates or the pool size.
 """
 
@@ -66,6 +68,10 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
 }
 _MAX_ENCODED_BYTES = 1 << 31  # ingest already bounded encoded sizes; this only guards probe_image
 DECODE_TASK_MEMORY = 1 << 30  # bytes reserved per decode task
+# Decode tasks per cluster CPU: a run has at most this many per CPU (shards are grouped when there
+# are more), so Ray Data's per-task and per-block cost on the driver grows with the cluster, not
+# with the number of shards; several per CPU keep the load balanced.
+DECODE_TASKS_PER_CPU = 4
 _SHARD_MARKER = -1  # `row` of a shard-level marker (empty shard, or a shard that failed to load)
 
 
@@ -77,12 +83,12 @@ def register_tiny_models() -> None:
     import open_clip
 
     missing = {n: c for n, c in TINY_MODELS.items() if open_clip.get_model_config(n) is None}
-    if missing:
-        folder = tempfile.mkdtemp(prefix="ovpipe-openclip-configs-")
-        for name, cfg in missing.items():
-            with open(os.path.join(folder, f"{name}.json"), "w") as f:
-                json.dump(cfg, f)
-        open_clip.add_model_config(folder)
+    if missing:  # open_clip reads the files when they are added and keeps the configs in memory
+        with tempfile.TemporaryDirectory(prefix="ovpipe-openclip-configs-") as folder:
+            for name, cfg in missing.items():
+                with open(os.path.join(folder, f"{name}.json"), "w") as f:
+                    json.dump(cfg, f)
+            open_clip.add_model_config(folder)
 
 
 _file_digests: dict[tuple[str, int, int], str] = {}
@@ -413,10 +419,28 @@ def _batch(shard_index: int, shard_rows: int, rows: list[int], pixels: np.ndarra
 
 def decode_shards(batch: dict[str, np.ndarray], tasks: list[ShardTask], pp: dict[str, Any], max_pixels: int,
                   rows_per_block: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data generator UDF (CPU tasks): decode the shards whose indices are in the batch."""
+    """Ray Data generator UDF (CPU tasks): decode the shards whose indices are in the batch (one
+    after another), in blocks of about ``rows_per_block`` rows that may span shards (small shards
+    do not each cost the driver a block; every row carries its shard)."""
     decoder = DecodeShards(tasks, pp, max_pixels, rows_per_block)
+    held: list[dict[str, np.ndarray]] = []
     for shard_index in batch["shard_index"].tolist():
-        yield from decoder.decode_shard(int(shard_index))
+        for block in decoder.decode_shard(int(shard_index)):
+            held.append(block)
+            if sum(len(b["row"]) for b in held) >= rows_per_block:
+                yield _concat_blocks(held)
+                held = []
+    if held:
+        yield _concat_blocks(held)
+
+
+def _concat_blocks(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return blocks[0] if len(blocks) == 1 else {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
+def decode_group(shards: int, cpus: int) -> int:
+    """Shards per decode task: 1 until there are more than DECODE_TASKS_PER_CPU per CPU."""
+    return max(1, -(-shards // max(1, DECODE_TASKS_PER_CPU * cpus)))
 
 
 class DecodeShards:
@@ -596,21 +620,26 @@ def run_embed_pipeline(stage: EmbedStage, pending: list[ShardTask], cfg: Config,
     parts_root.delete_tree()  # left by a killed run: never read (each commit names its own parts)
     run_parts = parts_root.join(uuid.uuid4().hex[:12])
     t0 = time.monotonic()
+    group = decode_group(len(pending), int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"shard_index": i} for i in range(len(pending))],
-                             override_num_blocks=len(pending))
+                             override_num_blocks=-(-len(pending) // group))
     # Decoding asks for memory (a shard's encoded bytes are held while it decodes); that also
     # keeps Ray Data from fusing decode into the actors, which would serialise decode and forward.
     ds = ds.map_batches(decode_shards, fn_args=(pending, pp, e.max_pixels, e.decode_rows),
-                        batch_size=1, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+                        batch_size=group, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+    # An actor call takes at least a decode block (it forwards in padded passes of batch_size, so
+    # the rows per call change no embedding): Ray Data's cost on the driver is per block.
     ds = ds.map_batches(EmbedActor, fn_constructor_args=(spec, e.batch_size, e.device if gpus else "cpu", cpus,
                                                          run_parts),
-                        batch_size=e.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool),
+                        batch_size=max(e.batch_size, e.decode_rows), batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=pool),
                         num_gpus=gpus or None, num_cpus=cpus)
-    committers = start_committers(len(pending))
-    stage_ref = ray.put(stage)
+    # held here for the whole run: a committer restarted after a crash gets its arguments again
+    stage_ref, pending_ref = ray.put(stage), ray.put(pending)
+    committers = start_committers(stage_ref, pending_ref, len(pending))
     partial: dict[int, _Partial] = {}
     failed: dict[str, str] = {}
-    commits: dict[Any, int] = {}  # commit call -> shard index
+    commits: dict[Any, list[int]] = {}  # commit call -> its shard indices
     submitted: set[int] = set()
     first_batch, done_at, wall0 = None, [], time.time()
     try:
@@ -618,10 +647,12 @@ def run_embed_pipeline(stage: EmbedStage, pending: list[ShardTask], cfg: Config,
             if first_batch is None:
                 first_batch = time.monotonic()
             done_at.append((batch["done_at"], batch["rows"]))
+            calls: dict[int, list[tuple[int, list[str]]]] = {}  # committer -> (shard index, parts)
             for i in _gather(batch, pending, partial, failed, progress):
-                committer = committers[len(submitted) % len(committers)]
-                commits[committer.commit.remote(stage_ref, pending[i], partial.pop(i).parts)] = i
+                calls.setdefault(len(submitted) % len(committers), []).append((i, partial.pop(i).parts))
                 submitted.add(i)
+            for c, shards in calls.items():  # one call per committer per block: a few small strings
+                commits[committers[c].commit.remote(shards)] = [i for i, _ in shards]
             _collect(commits, pending, failed, progress, wait=False)
     except Exception as err:  # the pipeline itself broke (e.g. the model failed to load)
         for i, task in enumerate(pending):
@@ -636,21 +667,48 @@ def run_embed_pipeline(stage: EmbedStage, pending: list[ShardTask], cfg: Config,
 
 class Committer:
     """Commits complete shards from their part files (``commit_parts``). One per node, started
-    once per run: a task per shard would start a worker process per commit."""
+    once per run with the stage and the run's tasks (a task per shard would start a worker
+    process per commit; the tasks once, so a call carries only shard indices and part names)."""
 
-    def commit(self, stage: EmbedStage, task: ShardTask, parts: list[str]) -> dict[str, Any]:
-        return commit_parts(stage, task, parts)
+    def __init__(self, stage: EmbedStage, pending: list[ShardTask]):
+        self.stage, self.pending = stage, pending
+
+    def commit(self, shards: list[tuple[int, list[str]]]) -> list[tuple[int, dict[str, Any] | str]]:
+        """(shard index, its entry's counts, or the error that failed that shard only) per shard.
+        The parts are deleted once every shard of the call is committed: a call retried after this
+        actor died part-way finds them all."""
+        done: list[tuple[int, dict[str, Any] | str]] = []
+        for i, parts in shards:
+            try:
+                done.append((i, commit_parts(self.stage, self.pending[i], parts)))
+            except Exception as err:
+                done.append((i, f"{type(err).__name__}: {err}"))
+        fs = self.pending[0].output_root.fs
+        for (i, result), (_, parts) in zip(done, shards):
+            if isinstance(result, dict):
+                for uri in parts:
+                    Location.parse(uri, fs).delete_if_exists()
+        return done
 
 
-def start_committers(shards: int) -> list:
-    """One Committer per alive node (at most one per shard). Commits are I/O: no CPU reserved
-    (the pool and decode hold them); SPREAD, so every node writes. An actor that dies mid-commit
-    is restarted and the commit retried: it rewrites the same names, manifest entry last."""
+def start_committers(stage_ref, pending_ref, shards: int) -> list:
+    """One Committer per alive node that has CPUs (a 0-CPU head, where the driver runs, gets none
+    unless it is the only node), at most one per shard, pinned to its node so every node writes
+    (a soft pin was seen to put a loaded node's committer on the head). Commits are I/O: no CPU
+    reserved (the pool and decode hold them). An actor that dies mid-commit is restarted on its
+    node and the call retried: it rewrites the same names, manifest entry last; if the node is
+    gone, its shards fail and the next run redoes them. The stage and the run's tasks come as
+    object refs (put once), which the caller keeps alive for restarts."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
-    actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2, scheduling_strategy="SPREAD")(Committer)
-    return [actor.remote() for _ in range(min(nodes, max(shards, 1)))]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in alive if n.get("Resources", {}).get("CPU", 0) > 0] or alive
+    actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(Committer)
+    if not nodes:  # no node list (should not happen on a live cluster): one committer, anywhere
+        return [actor.remote(stage_ref, pending_ref)]
+    return [actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(stage_ref, pending_ref) for n in nodes[:max(shards, 1)]]
 
 
 def write_part(folder: Location, shard_index: int, part: dict[str, np.ndarray]) -> str:
@@ -681,15 +739,13 @@ def read_part(uri: str, fs) -> dict[str, np.ndarray]:
 
 def commit_parts(stage: EmbedStage, task: ShardTask, parts: list[str]) -> dict[str, Any]:
     """On a worker: one shard's part files -> its output (the same ``assemble`` as in-process), committed
-    through ``commit_shard`` (data, ledger, manifest entry last); the parts are deleted after."""
+    through ``commit_shard`` (data, ledger, manifest entry last). The caller deletes the parts."""
     start = time.monotonic()
     fs = task.output_root.fs
     read = [read_part(u, fs) for u in parts]
     # the width from the parts: asking the model config would import open_clip (and torch) here
     dim = read[0][EMBEDDING].shape[1] if read else ModelSpec.from_config(task.config.embed).model_config()["embed_dim"]
     entry = commit_shard(stage, task, _assemble_parts(task, read, dim), start)
-    for uri in parts:
-        Location.parse(uri, fs).delete_if_exists()
     return {k: entry[k] for k in ("shard", "input_rows", "kept_rows", "dropped_rows")}  # the driver needs no more
 
 
@@ -706,20 +762,25 @@ def _actor_timings(done_at: list[tuple[np.ndarray, np.ndarray]], wall0: float) -
             "actor_steady_rows_per_s": later / (last - first) if last > first else float("nan")}
 
 
-def _collect(commits: dict[Any, int], pending, failed, progress, wait: bool) -> None:
-    """Progress for committed shards; a failed commit fails that shard only."""
+def _collect(commits: dict[Any, list[int]], pending, failed, progress, wait: bool) -> None:
+    """Progress for committed shards; a failed commit fails its shard(s) only."""
     import ray
 
     if not commits:
         return
     ready, _ = ray.wait(list(commits), num_returns=len(commits), timeout=None if wait else 0)
     for ref in ready:
-        i = commits.pop(ref)
+        shards = commits.pop(ref)
         try:
-            progress.update(1, ray.get(ref)["input_rows"])
-        except Exception as err:
-            failed[pending[i].shard] = f"{type(err).__name__}: {err}"
-            progress.update(1, 0)
+            results = ray.get(ref)
+        except Exception as err:  # the committer itself died past its retries
+            results = [(i, f"{type(err).__name__}: {err}") for i in shards]
+        for i, result in results:
+            if isinstance(result, dict):
+                progress.update(1, result["input_rows"])
+            else:
+                failed[pending[i].shard] = result
+                progress.update(1, 0)
 
 
 def _gather(batch, pending, partial, failed, progress) -> list[int]:

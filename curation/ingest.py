@@ -16,7 +16,9 @@ image (a map over shards as Ray tasks) and shuffles (hash, shard, row) into hash
 add shards: **a sample already kept in this output folder by an earlier run stays the winner;
 otherwise the occurrence with the smallest (shard name, row) wins.** Every other occurrence is
 ledgered as ``duplicate`` with a pointer to the winner. Only the duplicates travel back to the
-driver, so memory there grows with the number of duplicates, not of samples.
+driver, as one int64 array (32 bytes per duplicate; no per-sample Python objects), which reaches
+the shard tasks with the stage through the object store once per node (NumPy: no copy per task);
+each task makes the ledger details of its own shard's rows only.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ INGEST_SCHEMA = pa.schema(
 # One occurrence of an image in the dedup shuffle. prio 0 = already kept by an earlier run.
 _OCCURRENCE = np.dtype([("hash", "<u8"), ("prio", "u1"), ("shard", "<i4"), ("row", "<i8")])
 _UNHASHED = -1  # the row of the one marker occurrence of a shard the dedup pass could not read
+_NO_LOSERS = np.zeros((0, 4), np.int64)
 
 
 class IngestStage(SinglePassStage):
@@ -77,7 +80,9 @@ class IngestStage(SinglePassStage):
     input_suffixes = (".parquet", ".tar")
 
     def __init__(self) -> None:
-        self._duplicates: dict[str, dict[int, str]] = {}  # shard name -> {row: pointer to winner}
+        self._losers = _NO_LOSERS  # (shard index, row, winner's shard index, winner's row), sorted
+        self._shard_index: dict[str, int] = {}  # shard name -> index into _losers' shard columns
+        self._shard_uris: list[str] = []  # input URI by shard index (the winner pointer's text)
         self._unhashed: set[str] = set()  # shards the dedup pass could not read
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
@@ -88,7 +93,7 @@ class IngestStage(SinglePassStage):
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
         """Find every duplicate occurrence before any shard runs. Returns no digest: adding
         input shards must not invalidate the output (incremental runs)."""
-        self._duplicates, self._unhashed = {}, set()
+        self._losers, self._shard_index, self._shard_uris, self._unhashed = _NO_LOSERS, {}, [], set()
         cfg = ctx.cfg
         if not cfg.ingest.dedup:
             return {}
@@ -98,16 +103,27 @@ class IngestStage(SinglePassStage):
         committed = self._committed_outputs(cfg, ctx.output, set(names))
         jobs = [(committed.get(n, s), n in committed, i) for i, (s, n) in enumerate(zip(shards, names))]
         losers = _find_duplicates(jobs, cfg, ctx.quiet)
-        self._unhashed = {names[shard] for shard, row, _, _ in losers.tolist() if row == _UNHASHED}
-        for shard, row, w_shard, w_row in losers.tolist():
-            if row == _UNHASHED:
-                continue
-            # The same text whether the winner was committed by this run or an earlier one, so
-            # a killed-and-resumed run writes exactly what an uninterrupted run writes.
-            detail = f"same bytes as the sample kept at {shards[w_shard].uri()} row {w_row}"
-            self._duplicates.setdefault(names[shard], {})[row] = detail
+        marks = losers[:, 1] == _UNHASHED
+        self._unhashed = {names[shard] for shard in losers[marks, 0].tolist()}
+        self._losers = np.ascontiguousarray(losers[~marks])  # still sorted by (shard, row)
+        self._shard_index = {n: i for i, n in enumerate(names)}
+        self._shard_uris = [s.uri() for s in shards]
         self.dedup_seconds = round(time.monotonic() - start, 3)
         return {}
+
+    def duplicate_count(self) -> int:
+        return len(self._losers)
+
+    def _duplicates(self, shard: str) -> dict[int, str]:
+        """{row: pointer to the winner} for one shard's duplicate rows. The same text whether the
+        winner was committed by this run or an earlier one, so a killed-and-resumed run writes
+        exactly what an uninterrupted run writes."""
+        i = self._shard_index.get(shard)
+        if i is None or not len(self._losers):
+            return {}
+        lo, hi = np.searchsorted(self._losers[:, 0], [i, i + 1])
+        return {row: f"same bytes as the sample kept at {self._shard_uris[w_shard]} row {w_row}"
+                for _, row, w_shard, w_row in self._losers[lo:hi].tolist()}
 
     def _committed_outputs(self, cfg: Config, out: Location, names: set[str]) -> dict[str, Location]:
         """Data files of shards an earlier run with this same config already committed."""
@@ -134,7 +150,7 @@ class IngestStage(SinglePassStage):
 
     def _process(self, task: ShardTask, only_rows: set[int] | None = None) -> ShardOutput:
         cfg = task.config.ingest
-        duplicates = self._duplicates.get(task.shard, {})
+        duplicates = self._duplicates(task.shard)
         fixed_source = cfg.source or default_source(task.input, task.input_root)
         uri = task.input.uri()
         ledger = Ledger(self.name)
