@@ -392,7 +392,7 @@ MAKERS = {"ingest_dedup": make_ingest_rows, "caption_dedup": make_caption_rows, 
 # Rows per step (two sizes each): the largest each step finishes in on this 2-core machine within
 # the session's time (disk for the inputs is not the limit: 55 GB free).
 STEP_SIZES = {"ingest_dedup": (2_000_000, 10_000_000), "caption_dedup": (8_000_000, 40_000_000),
-              "balance": (8_000_000, 40_000_000), "pack": (500_000, 2_000_000)}
+              "balance": (8_000_000, 40_000_000), "pack": (8_000_000, 32_000_000)}
 
 
 def global_steps(address: str, work: Path, sizes: dict[str, tuple[int, int]], rows_per_shard: int,

@@ -24,8 +24,13 @@ class PackSection(Section):
                          "whatever B is.")
     samples_per_bucket: int = Field(16384, gt=0, description="With pack.buckets = 0: target samples per "
                                     "bucket, counted from the inputs' Parquet footers (JSON: one per KiB). "
-                                    "16384 rendered samples at ~150 KB each is ~2.5 GB per task; lengths-only "
-                                    "input can take far more.")
+                                    "16384 rendered samples at ~150 KB each is ~2.5 GB per task. Inputs of "
+                                    "precomputed lengths use pack.lengths_samples_per_bucket.")
+    lengths_samples_per_bucket: int = Field(1_048_576, gt=0, description="With pack.buckets = 0: target "
+                                            "samples per bucket for inputs of precomputed lengths (Parquet with "
+                                            "num_tokens: nothing rendered, ~0.5 KB a sample in a bucket task, so "
+                                            "~0.5 GB per task at 1M). Big buckets leave few samples to the repair "
+                                            "shards (~1 % of lognormal lengths at 1M a bucket, ~60 % at 16K).")
     overlong: Literal["drop", "truncate"] = Field("drop", description="Samples over max_len: 'drop' "
                                                   "(ledgered as overlong) or 'truncate' (text only, never "
                                                   "inside an image span).")

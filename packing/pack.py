@@ -271,24 +271,102 @@ def fill_plan(lengths: np.ndarray, ops: np.ndarray, num_packs: int, capacity: in
 
 
 @dataclass
+class LengthCounts:
+    """Samples of each length in each bucket, sparse: only the (bucket, length) pairs that hold
+    samples (a bucket of 16K samples has ~2K distinct lengths of 8K), by length then bucket:
+    ``bucket[ptr[L]:ptr[L+1]]`` (ascending) are the buckets holding length L, ``count[...]`` how
+    many. Memory is per pair, not B x (max_len + 1) as a dense array of histograms would be."""
+
+    buckets: int
+    ptr: np.ndarray  # int64[max length + 2]
+    bucket: np.ndarray  # int32[E]
+    count: np.ndarray  # int64[E]
+
+    @classmethod
+    def from_entries(cls, bucket: np.ndarray, length: np.ndarray, count: np.ndarray, buckets: int,
+                     capacity: int) -> LengthCounts:
+        """From (bucket, length, count) triples in any order; a pair listed twice is added up."""
+        bucket, length, count = (np.asarray(a, np.int64) for a in (bucket, length, count))
+        keep = count != 0
+        bucket, length, count = bucket[keep], length[keep], count[keep]
+        order = np.lexsort((bucket, length))
+        bucket, length, count = bucket[order], length[order], count[order]
+        if len(bucket) > 1:
+            first = np.flatnonzero(np.r_[True, (bucket[1:] != bucket[:-1]) | (length[1:] != length[:-1])])
+            if len(first) < len(bucket):
+                count = np.add.reduceat(count, first)
+                bucket, length = bucket[first], length[first]
+        top = max(int(capacity), int(length[-1]) if len(length) else 0)  # longer: bfd_histogram refuses them
+        ptr = np.searchsorted(length, np.arange(top + 2)).astype(np.int64)
+        return cls(int(buckets), ptr, bucket.astype(np.int32), count)
+
+    @classmethod
+    def from_dense(cls, hists: np.ndarray, capacity: int) -> LengthCounts:
+        """From ``hists[b, L]`` (samples of length L in bucket b)."""
+        hists = np.asarray(hists, np.int64)
+        b, length = np.nonzero(hists)
+        return cls.from_entries(b, length, hists[b, length], hists.shape[0], capacity)
+
+    def total(self) -> np.ndarray:
+        """int64[max length + 1]: the sum of the buckets' histograms."""
+        cum = np.zeros(len(self.count) + 1, np.int64)
+        np.cumsum(self.count, out=cum[1:])
+        return cum[self.ptr[1:]] - cum[self.ptr[:-1]]
+
+
+@dataclass
 class BucketPlan:
     """One global BFD plan split over hash buckets (``plan_buckets``). The plan's packs come in
     groups of identical packs; group ``g`` is ``contents[content_offsets[g]:content_offsets[g+1]]``
-    (rows: length, items of that length per pack, items placed before them), and
-    ``alloc[b, g]`` of its ``copies[g]`` packs are formed inside bucket b from b's own samples;
-    the rest (``repair_copies``) are formed by the repair shard from every bucket's left-over
-    samples, whose lengths are exactly what those packs need."""
+    (rows: length, items of that length per pack, items placed before them). Bucket b forms
+    ``alloc_copies[i]`` packs of group ``alloc_group[i]`` for i in ``alloc_offsets[b]:alloc_offsets[b+1]``
+    from its own samples; the rest of each group's ``copies`` (``repair_copies``) are formed by the
+    repair shards from every bucket's left-over samples (the pool), whose lengths are exactly what
+    those packs need. Everything per bucket is sparse (only the groups a bucket forms, only the
+    lengths it pools), so the plan's size follows the packs and the (bucket, length) pairs, not B x
+    groups or B x (max_len + 1)."""
 
     contents: np.ndarray  # int64[K, 3]
     content_offsets: np.ndarray  # int64[G+1]
     copies: np.ndarray  # int64[G]
-    alloc: np.ndarray  # int64[B, G]
-    pool: np.ndarray  # int64[B, L]: each bucket's samples of each length left to the repair
     num_packs: int  # the global BFD's pack count: the buckets' and the repair's packs add up to it
+    buckets: int
+    alloc_offsets: np.ndarray  # int64[B+1]: bucket b's rows of alloc_group / alloc_copies
+    alloc_group: np.ndarray  # int32[A], ascending within a bucket
+    alloc_copies: np.ndarray  # int32[A] (int64 past 2**31)
+    pool_offsets: np.ndarray  # int64[B+1]: bucket b's rows of pool_length / pool_count / pool_before
+    pool_length: np.ndarray  # int32[E], ascending within a bucket
+    pool_count: np.ndarray  # int32[E] (int64 past 2**31): bucket b's samples of that length left to the repair
+    pool_before: np.ndarray  # int32[E] (likewise): samples of that length pooled by the buckets before b
+
+    @property
+    def groups(self) -> int:
+        return len(self.copies)
 
     @property
     def repair_copies(self) -> np.ndarray:
-        return self.copies - self.alloc.sum(axis=0)
+        formed = np.zeros(self.groups, np.int64)
+        np.add.at(formed, self.alloc_group, self.alloc_copies)
+        return self.copies - formed
+
+    def alloc_row(self, b: int) -> np.ndarray:
+        """int64[G]: packs of each group bucket b forms."""
+        row = np.zeros(self.groups, np.int64)
+        s, e = self.alloc_offsets[b], self.alloc_offsets[b + 1]
+        row[self.alloc_group[s:e]] = self.alloc_copies[s:e]
+        return row
+
+    def pool_hist(self, b: int, size: int) -> np.ndarray:
+        """int64[size]: bucket b's pooled samples of each length."""
+        hist = np.zeros(size, np.int64)
+        s, e = self.pool_offsets[b], self.pool_offsets[b + 1]
+        hist[self.pool_length[s:e]] = self.pool_count[s:e]
+        return hist
+
+    def pooled_before(self, b: int, lengths: np.ndarray) -> np.ndarray:
+        """For each length (one bucket b pools), the samples of it pooled by the buckets before b."""
+        s, e = self.pool_offsets[b], self.pool_offsets[b + 1]
+        return self.pool_before[s + np.searchsorted(self.pool_length[s:e], lengths)].astype(np.int64)
 
     def ops(self, copies: np.ndarray) -> tuple[np.ndarray, int]:
         """Ops (``bfd_histogram``'s layout) of ``copies[g]`` packs of each group, groups in plan
@@ -306,19 +384,22 @@ class BucketPlan:
         return ops[np.argsort(-ops[:, 2], kind="stable")], int(copies.sum())
 
 
-def plan_buckets(hists: np.ndarray, capacity: int, max_items: int | None = None) -> BucketPlan:
-    """One best-fit-decreasing plan over the sum of the buckets' length histograms (``hists[b, L]``:
-    samples of length L in bucket b), split so that each bucket forms as many of the plan's packs
-    as it can from its own samples. The pack count is the global BFD's whatever the number of
-    buckets; only the few packs no bucket can complete alone go to the repair shard.
+def plan_buckets(hists: LengthCounts | np.ndarray, capacity: int, max_items: int | None = None) -> BucketPlan:
+    """One best-fit-decreasing plan over the sum of the buckets' length histograms (``hists``:
+    ``LengthCounts``, or dense ``hists[b, L]`` = samples of length L in bucket b), split so that
+    each bucket forms as many of the plan's packs as it can from its own samples. The pack count
+    is the global BFD's whatever the number of buckets; only the few packs no bucket can complete
+    alone go to the repair shards.
 
     Groups of identical packs are handed out in plan order (longest samples first); each group's
     copies go to the buckets in proportion to how many each could form (largest remainders, then
     bucket order, for the rest), so every bucket keeps a share of every length for later groups.
-    Work: one small numpy step per group (about twice the plan's ops), on histograms only."""
-    hists = np.array(hists, dtype=np.int64)
-    B = hists.shape[0]
-    ops, num_packs = bfd_histogram(hists.sum(axis=0), capacity, max_items)
+    Work: one small numpy step per group over the buckets that hold its lengths (O(B) for a
+    group of several lengths); memory: the (bucket, length) pairs and the plan's nonzero
+    allocations, never a B x groups or B x (max_len + 1) array."""
+    counts = hists if isinstance(hists, LengthCounts) else LengthCounts.from_dense(hists, capacity)
+    B = counts.buckets
+    ops, num_packs = bfd_histogram(counts.total(), capacity, max_items)
     # Packs whose op histories are identical form contiguous ranges: cut at every op's bounds.
     bounds = np.unique(np.concatenate([[0, num_packs], ops[:, 0], ops[:, 0] + ops[:, 1]]))
     seg_lo = np.searchsorted(bounds, ops[:, 0])
@@ -332,12 +413,24 @@ def plan_buckets(hists: np.ndarray, capacity: int, max_items: int | None = None)
     contents = np.stack([ops[inc_op, 2], ops[inc_op, 3], ops[inc_op, 4]], axis=1)
     content_offsets = np.searchsorted(inc_seg, np.arange(G + 1))
     copies = np.diff(bounds)
-    alloc = np.zeros((B, G), np.int64)
-    left = hists.copy()
+    ptr, holder = counts.ptr, counts.bucket
+    left = counts.count.copy()  # samples of each (length, bucket) pair not yet in a bucket's pack
+    got_bucket, got_group, got_copies = [], [], []
     for g in range(G):
         c = contents[content_offsets[g]:content_offsets[g + 1]]
-        lens, per = c[:, 0], c[:, 1]
-        can = (left[:, lens] // per).min(axis=1)
+        lens, per = c[:, 0].tolist(), c[:, 1].tolist()
+        if len(lens) == 1:  # the buckets holding that length, in bucket order
+            s, e = ptr[lens[0]], ptr[lens[0] + 1]
+            cand, can = holder[s:e], left[s:e] // per[0]
+        else:  # the buckets holding all its lengths: the others can form none
+            can = None
+            for length, q in zip(lens, per):
+                s, e = ptr[length], ptr[length + 1]
+                v = np.zeros(B, np.int64)
+                v[holder[s:e]] = left[s:e] // q
+                can = v if can is None else np.minimum(can, v, out=can)
+            cand = np.flatnonzero(can)
+            can = can[cand]
         m, total = int(copies[g]), int(can.sum())
         if total <= m:
             x = can
@@ -345,13 +438,108 @@ def plan_buckets(hists: np.ndarray, capacity: int, max_items: int | None = None)
             share = can * m
             x = share // total
             rest = m - int(x.sum())
-            if rest:
+            if rest:  # a bucket that can form none has no remainder: never among the `rest` largest
                 frac = share - x * total
-                x[np.lexsort((np.arange(B), -frac))[:rest]] += 1
-        if x.any():
-            alloc[:, g] = x
-            left[:, lens] -= x[:, None] * per
-    return BucketPlan(contents, content_offsets, copies, alloc, left, num_packs)
+                x[np.lexsort((np.arange(len(x)), -frac))[:rest]] += 1
+        nz = np.flatnonzero(x)
+        if len(nz):
+            who, n = cand[nz], x[nz]
+            got_bucket.append(who.astype(np.int32))
+            got_group.append(np.full(len(nz), g, np.int32))
+            got_copies.append(n)
+            for length, q in zip(lens, per):
+                s, e = ptr[length], ptr[length + 1]
+                left[s + np.searchsorted(holder[s:e], who)] -= n * q
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    a_bucket, a_group, a_copies = cat(got_bucket, np.int32), cat(got_group, np.int32), cat(got_copies, np.int64)
+    by_bucket = np.argsort(a_bucket, kind="stable")  # groups stay ascending within a bucket
+    a_bucket, a_group, a_copies = a_bucket[by_bucket], a_group[by_bucket], a_copies[by_bucket]
+    # The pool: what is left of each pair, numbered within its length across buckets (bucket order).
+    pair_len = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    before = np.cumsum(left) - left
+    before -= before[ptr[pair_len]]
+    pooled = np.flatnonzero(left)
+    by_bucket = pooled[np.lexsort((pair_len[pooled], holder[pooled]))]
+    p_bucket = holder[by_bucket]
+    return BucketPlan(
+        contents, content_offsets, copies, num_packs, B,
+        np.searchsorted(a_bucket, np.arange(B + 1)).astype(np.int64), a_group, _narrow(a_copies),
+        np.searchsorted(p_bucket, np.arange(B + 1)).astype(np.int64), pair_len[by_bucket].astype(np.int32),
+        _narrow(left[by_bucket]), _narrow(before[by_bucket]))
+
+
+def _narrow(counts: np.ndarray) -> np.ndarray:
+    """int32 when every count fits (samples below 2**31): half the bytes of the per-bucket rows."""
+    return counts.astype(np.int32) if not len(counts) or int(counts.max()) < 2**31 else counts
+
+
+@dataclass
+class RepairSplit:
+    """The plan's repair packs cut into R repair shards (``split_repair``), sparse: shard k forms
+    ``copies[i]`` packs of group ``group[i]`` for i in ``offsets[k]:offsets[k+1]``. The pooled
+    samples of one length, numbered across buckets (bucket order, then fill order), fill the
+    shards' slots of that length in shard order: ``keys`` (``length << 40 | first number``,
+    ascending) and ``key_shard`` say which shard takes which numbers."""
+
+    offsets: np.ndarray  # int64[R+1]
+    group: np.ndarray  # int32[X]
+    copies: np.ndarray  # int64[X]
+    keys: np.ndarray  # int64[Y]
+    key_shard: np.ndarray  # int32[Y]
+
+    NUMBER_BITS = 40  # a length's pooled samples are numbered below 2**40
+
+    @property
+    def shards(self) -> int:
+        return len(self.offsets) - 1
+
+    def copies_of(self, k: int, groups: int) -> np.ndarray:
+        """int64[G]: packs of each group repair shard k forms."""
+        row = np.zeros(groups, np.int64)
+        s, e = self.offsets[k], self.offsets[k + 1]
+        row[self.group[s:e]] = self.copies[s:e]
+        return row
+
+    def dest(self, lengths: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+        """The repair shard of each pooled sample (its length, its number within that length)."""
+        at = (np.asarray(lengths, np.int64) << self.NUMBER_BITS) | np.asarray(numbers, np.int64)
+        return self.key_shard[np.searchsorted(self.keys, at, side="right") - 1].astype(np.int64)
+
+
+def split_repair(plan: BucketPlan, shards: int) -> RepairSplit:
+    """The repair packs (plan order) cut into ``shards`` runs of about equal samples."""
+    copies = plan.repair_copies
+    per_pack = np.add.reduceat(plan.contents[:, 1], plan.content_offsets[:-1]) if len(copies) else copies
+    rows: list[tuple[int, int, int]] = []  # (shard, group, packs), shards ascending
+    target = max(1, -(-int((copies * per_pack).sum()) // shards))
+    k, filled = 0, 0
+    for g in np.flatnonzero(copies).tolist():
+        left = int(copies[g])
+        while left:
+            take = left if k == shards - 1 else min(left, max(1, -(-(target - filled) // int(per_pack[g]))))
+            rows.append((k, g, take))
+            left -= take
+            filled += take * int(per_pack[g])
+            if filled >= target and k < shards - 1:
+                k, filled = k + 1, 0
+    r = np.array(rows, np.int64).reshape(-1, 3)
+    offsets = np.searchsorted(r[:, 0], np.arange(shards + 1)).astype(np.int64)
+    # Slots of each (length, shard): every content row of every (shard, group) row
+    size = plan.content_offsets[r[:, 1] + 1] - plan.content_offsets[r[:, 1]]
+    row_of = np.repeat(np.arange(len(r)), size)
+    content = plan.content_offsets[r[row_of, 1]] + (np.arange(len(row_of)) - np.repeat(np.cumsum(size) - size, size))
+    length, slots, shard = plan.contents[content, 0], r[row_of, 2] * plan.contents[content, 1], r[row_of, 0]
+    order = np.lexsort((shard, length))
+    length, slots, shard = length[order], slots[order], shard[order]
+    first = np.flatnonzero(np.r_[True, (length[1:] != length[:-1]) | (shard[1:] != shard[:-1])]) if len(length) \
+        else np.zeros(0, np.int64)
+    slots = np.add.reduceat(slots, first) if len(first) else slots
+    length, shard = length[first], shard[first]
+    start = np.cumsum(slots) - slots  # numbers before this (length, shard), over all lengths ...
+    new_len = np.flatnonzero(np.r_[True, length[1:] != length[:-1]]) if len(length) else np.zeros(0, np.int64)
+    start -= np.repeat(start[new_len], np.diff(np.r_[new_len, len(length)]))  # ... within its length
+    return RepairSplit(offsets, r[:, 1].astype(np.int32), r[:, 2],
+                       (length << RepairSplit.NUMBER_BITS) | start, shard.astype(np.int32))
 
 
 def _order_by_length_then_key(lengths: np.ndarray, key: np.ndarray, capacity: int) -> np.ndarray:

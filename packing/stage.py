@@ -85,7 +85,16 @@ from ovpipe.core.stage import (
     StageSummary,
 )
 from packing import tokenizer as ptok
-from packing.pack import BucketPlan, PackResult, fill_plan, lower_bound, plan_buckets
+from packing.pack import (
+    BucketPlan,
+    LengthCounts,
+    PackResult,
+    RepairSplit,
+    fill_plan,
+    lower_bound,
+    plan_buckets,
+    split_repair,
+)
 from packing.schema import PACK_SCHEMA, PACK_SCHEMA_VERSION
 
 if TYPE_CHECKING:  # annotations only: the root config composes every stage's section
@@ -457,7 +466,8 @@ class PackPrepPass(Pass):
         rendered by another tokenizer are refused, not mixed in."""
         p = ctx.cfg.pack
         tok = ptok.load_tokenizer(p.tokenizer)
-        self.buckets = p.buckets or auto_buckets([s.input for s in shards], p.samples_per_bucket)
+        self.buckets = p.buckets or auto_buckets([s.input for s in shards], p.samples_per_bucket,
+                                                  p.lengths_samples_per_bucket)
         return {**ptok.template_identity(tok, p.min_pixels, p.max_pixels, p.loss_on, p.system_prompt),
                 "buckets": self.buckets}
 
@@ -584,18 +594,25 @@ class PackPrepPass(Pass):
         }
 
 
-def auto_buckets(inputs: list[Location], per_bucket: int) -> int:
-    """pack.buckets = 0: the smallest power of two giving at most ``per_bucket`` samples per bucket,
-    samples counted from the Parquet footers (a JSON/JSONL file: one per KiB). A power of two, so
-    that a few more inputs seldom change it (a change is a config change: --overwrite)."""
-    samples = 0
+def auto_buckets(inputs: list[Location], per_bucket: int, lengths_per_bucket: int | None = None) -> int:
+    """pack.buckets = 0: the smallest power of two giving at most ``per_bucket`` samples per bucket
+    (``lengths_per_bucket`` for the samples of inputs of precomputed lengths: Parquet with
+    ``num_tokens``, nothing rendered), samples counted from the Parquet footers (a JSON/JSONL file:
+    one per KiB). A power of two, so that a few more inputs seldom change it (a change is a config
+    change: --overwrite)."""
+    rendered, lengths = 0, 0  # samples of each kind
     for loc in inputs:
         if loc.path.endswith(".parquet"):
             with loc.fs.open_input_file(loc.path) as f:
-                samples += pq.ParquetFile(f).metadata.num_rows
+                pf = pq.ParquetFile(f)
+                if lengths_per_bucket and "num_tokens" in pf.schema_arrow.names:
+                    lengths += pf.metadata.num_rows
+                else:
+                    rendered += pf.metadata.num_rows
         else:
-            samples += loc.fs.get_file_info(loc.path).size // 1024 + 1
-    return 1 << max(0, int(np.ceil(np.log2(max(samples, 1) / per_bucket))))
+            rendered += loc.fs.get_file_info(loc.path).size // 1024 + 1
+    load = rendered / per_bucket + (lengths / lengths_per_bucket if lengths else 0)  # buckets' worth
+    return 1 << max(0, int(np.ceil(np.log2(max(load, 1 / per_bucket)))))
 
 
 def _write_payload(dest: Location, table: pa.Table, groups: np.ndarray) -> None:
@@ -753,34 +770,18 @@ class PackLengthsPass(Pass):
         return ShardOutput(table, Ledger(self.name), input_rows=len(lens), kept_samples=len(lens))
 
 
-def read_histograms(ctx: PassContext, buckets: int, max_len: int) -> np.ndarray:
-    """int64[B, max_len + 1]: samples of each length in each bucket, from pass 2's shards."""
+def read_histograms(ctx: PassContext, buckets: int, max_len: int) -> LengthCounts:
+    """Samples of each length in each bucket, from pass 2's shards: only the lengths a bucket
+    holds (sparse), never B x (max_len + 1)."""
     lengths = ctx.done[PackLengthsPass.name]
-    hists = np.zeros((buckets, max_len + 1), np.int64)
+    bucket, length, count = [], [], []
     for b in range(buckets):
         t = read_table(lengths.output.join(lengths.entries[bucket_name(b)]["output"]))
-        hists[b, np.asarray(t.column("num_tokens"), np.int64)] = np.asarray(t.column("samples"))
-    return hists
-
-
-def split_repair(plan: BucketPlan, shards: int) -> np.ndarray:
-    """int64[shards, G]: the repair packs (plan order) cut into ``shards`` runs of about equal
-    samples; row k is how many packs of each group repair shard k forms."""
-    copies = plan.repair_copies
-    per_pack = np.add.reduceat(plan.contents[:, 1], plan.content_offsets[:-1]) if len(copies) else copies
-    out = np.zeros((shards, len(copies)), np.int64)
-    target = max(1, -(-int((copies * per_pack).sum()) // shards))
-    k, filled = 0, 0
-    for g in np.flatnonzero(copies).tolist():
-        left = int(copies[g])
-        while left:
-            take = left if k == shards - 1 else min(left, max(1, -(-(target - filled) // int(per_pack[g]))))
-            out[k, g] += take
-            left -= take
-            filled += take * int(per_pack[g])
-            if filled >= target and k < shards - 1:
-                k, filled = k + 1, 0
-    return out
+        length.append(np.asarray(t.column("num_tokens"), np.int64))
+        count.append(np.asarray(t.column("samples"), np.int64))
+        bucket.append(np.full(len(length[-1]), b, np.int64))
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return LengthCounts.from_entries(cat(bucket), cat(length), cat(count), buckets, max_len)
 
 
 class PackBucketPass(Pass):
@@ -801,10 +802,10 @@ class PackBucketPass(Pass):
 
     def __init__(self) -> None:
         self.payloads: list[Location] = []  # set by list_shards: every staged payload, by shard name
+        # Set by list_shards, shipped to every task: sparse, its size follows the plan's groups and
+        # the buckets' (bucket, length) pairs (packing.pack.BucketPlan, RepairSplit)
         self.plan: BucketPlan | None = None
-        self.repair: np.ndarray = np.zeros((0, 0), np.int64)  # [R, G]: packs per group per repair shard
-        self.pool_before: np.ndarray = np.zeros((0, 0), np.int64)  # [B, L]: pooled samples of earlier buckets
-        self.repair_slots_before: np.ndarray = np.zeros((0, 0), np.int64)  # [R+1, L]: slots of earlier repairs
+        self.repair: RepairSplit | None = None
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
         p = ctx.cfg.pack
@@ -812,18 +813,11 @@ class PackBucketPass(Pass):
         self.payloads = _payloads(ctx)
         hists = read_histograms(ctx, buckets, p.max_len)
         self.plan = plan_buckets(hists, p.max_len, p.max_samples_per_pack or None)
-        pooled = self.plan.pool  # [B, L]: each bucket's samples the plan leaves to the repair shards
+        del hists
         # As many repair shards as buckets (some may be empty): a fixed list of shard names, so a
         # re-run on more input redoes them rather than finding shards it no longer lists.
         n_repair = buckets
         self.repair = split_repair(self.plan, n_repair)
-        self.pool_before = np.cumsum(pooled, axis=0) - pooled
-        slots = np.zeros((n_repair + 1, p.max_len + 1), np.int64)
-        for k in range(n_repair):
-            ops, _ = self.plan.ops(self.repair[k])
-            slots[k + 1] = slots[k] + np.bincount(ops[:, 2], weights=ops[:, 1] * ops[:, 3],
-                                                  minlength=p.max_len + 1).astype(np.int64)
-        self.repair_slots_before = slots
         stamp = staged_digest(ctx.done[self.reads].entries)
         return ([Shard(bucket_name(b), None, stamp, b) for b in range(buckets)]
                 + [Shard(repair_name(k), None, stamp, buckets + k) for k in range(n_repair)])
@@ -842,15 +836,15 @@ class PackBucketPass(Pass):
 
     def process(self, task: ShardTask) -> ShardOutput:
         cfg = task.config
-        buckets = self.plan.alloc.shape[0]
+        buckets = self.plan.buckets
         if task.index < buckets:
             samples = _read_group(self.payloads, task.index)
-            copies = self.plan.alloc[task.index]
+            copies = self.plan.alloc_row(task.index)
         else:
             k = task.index - buckets
             pools = [task.output_root.join(POOL_DIR, f"{bucket_name(b)}.parquet") for b in range(buckets)]
             samples = _read_group(pools, k)
-            copies = self.repair[k]
+            copies = self.repair.copies_of(k, self.plan.groups)
         res, pool = self._pack(samples, copies, cfg)
         if task.index < buckets:
             self._write_pool(task, samples, pool, cfg.pack.max_len)
@@ -880,10 +874,8 @@ class PackBucketPass(Pass):
         # ``pool`` is in (length, key) order: a sample's number within its length in this bucket
         run_start = np.flatnonzero(np.r_[True, lens[1:] != lens[:-1]]) if len(lens) else np.zeros(0, np.int64)
         rank = np.arange(len(lens)) - np.repeat(run_start, np.diff(np.r_[run_start, len(lens)]))
-        number = self.pool_before[task.index, lens] + rank
-        dest = np.zeros(len(lens), np.int64)
-        for k in range(1, len(self.repair)):
-            dest += number >= self.repair_slots_before[k, lens]
+        number = self.plan.pooled_before(task.index, lens) + rank
+        dest = self.repair.dest(lens, number)
         by_dest = np.argsort(dest, kind="stable")
         _write_payload(task.output_root.join(POOL_DIR, f"{task.shard}.parquet"), samples.take(pool[by_dest]),
                        dest[by_dest])
@@ -894,7 +886,7 @@ class PackBucketPass(Pass):
         by_source = (pl.DataFrame({"source": packed.column("source").to_pylist(), "tokens": lens})
                      .group_by("source").agg(pl.col("tokens").sum()).sort("source"))
         return {
-            "bucket": task.index if task.index < self.plan.alloc.shape[0] else None,
+            "bucket": task.index if task.index < self.plan.buckets else None,
             "samples": len(lens), "packs": len(per_pack), "tokens": int(lens.sum()), "pooled": pooled,
             "over_half": int((2 * lens > max_len).sum()),
             "global_bfd_packs": self.plan.num_packs,

@@ -221,9 +221,9 @@ def test_bucket_plan_makes_exactly_the_global_bfd_packs(shape, buckets, max_item
     members, pooled = [], []
     for b in range(buckets):
         idx = np.flatnonzero(bucket == b)
-        ops, n_packs = plan.ops(plan.alloc[b])
+        ops, n_packs = plan.ops(plan.alloc_row(b))
         res, pool = fill_plan(lengths[idx], ops, n_packs, cap, sample_hash=hashes[idx])
-        assert np.array_equal(np.bincount(lengths[idx][pool], minlength=cap + 1), plan.pool[b])
+        assert np.array_equal(np.bincount(lengths[idx][pool], minlength=cap + 1), plan.pool_hist(b, cap + 1))
         members += [idx[res.members(p)] for p in range(res.num_packs)]
         pooled.append(idx[pool])
     pooled = np.concatenate(pooled)
