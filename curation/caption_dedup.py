@@ -60,15 +60,14 @@ def _write_routed(dest: Location, table: pa.Table, route: np.ndarray, n: int) ->
         for b in range(n):
             w.write_batch(table.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])).combine_chunks().to_batches()[0]
                           if bounds[b + 1] > bounds[b] else pa.RecordBatch.from_pylist([], schema=table.schema))
-    return dest.uri()
+    return dest.path  # in the scratch folder's filesystem (a URI would not open on an object store's)
 
 
-def _read_routed(uris: list[str], fs, index: int, schema: pa.Schema) -> pa.Table:
-    """Batch `index` of every file: everything routed to one destination."""
+def _read_routed(paths: list[str], fs, index: int, schema: pa.Schema) -> pa.Table:
+    """Batch `index` of every file (paths in ``fs``): everything routed to one destination."""
     batches = []
-    for uri in uris:
-        loc = Location.parse(uri, fs)
-        with loc.fs.open_input_file(loc.path) as f:
+    for path in paths:
+        with fs.open_input_file(path) as f:
             batches.append(pa.ipc.open_file(f).get_batch(index))
     return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
 

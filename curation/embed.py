@@ -686,8 +686,8 @@ class Committer:
         fs = self.pending[0].output_root.fs
         for (i, result), (_, parts) in zip(done, shards):
             if isinstance(result, dict):
-                for uri in parts:
-                    Location.parse(uri, fs).delete_if_exists()
+                for path in parts:
+                    Location(fs, path).delete_if_exists()
         return done
 
 
@@ -712,8 +712,9 @@ def start_committers(stage_ref, pending_ref, shards: int) -> list:
 
 
 def write_part(folder: Location, shard_index: int, part: dict[str, np.ndarray]) -> str:
-    """One actor batch's rows of one shard -> an Arrow IPC file; returns its path (the driver
-    hands the paths of a shard's parts to its committer)."""
+    """One actor batch's rows of one shard -> an Arrow IPC file; returns its path in the output's
+    filesystem (the driver hands the paths of a shard's parts to its committer, which opens them
+    with that filesystem: a URI would not open on an object store's)."""
     emb = part[EMBEDDING]
     table = pa.table({"row": pa.array(part["row"], pa.int64()),
                       "reason": pa.array(part["reason"].tolist(), pa.string()),
@@ -723,12 +724,11 @@ def write_part(folder: Location, shard_index: int, part: dict[str, np.ndarray]) 
     folder.fs.create_dir(folder.path, recursive=True)
     with dest.fs.open_output_stream(dest.path) as f, pa.ipc.new_file(f, table.schema) as w:
         w.write_table(table)
-    return dest.uri()
+    return dest.path
 
 
-def read_part(uri: str, fs) -> dict[str, np.ndarray]:
-    loc = Location.parse(uri, fs)
-    with loc.fs.open_input_file(loc.path) as f:
+def read_part(path: str, fs) -> dict[str, np.ndarray]:
+    with fs.open_input_file(path) as f:
         table = pa.ipc.open_file(f).read_all()
     emb = table.column(EMBEDDING).combine_chunks()
     return {"row": table.column("row").to_numpy(),
@@ -742,7 +742,7 @@ def commit_parts(stage: EmbedStage, task: ShardTask, parts: list[str]) -> dict[s
     through ``commit_shard`` (data, ledger, manifest entry last). The caller deletes the parts."""
     start = time.monotonic()
     fs = task.output_root.fs
-    read = [read_part(u, fs) for u in parts]
+    read = [read_part(p, fs) for p in parts]
     # the width from the parts: asking the model config would import open_clip (and torch) here
     dim = read[0][EMBEDDING].shape[1] if read else ModelSpec.from_config(task.config.embed).model_config()["embed_dim"]
     entry = commit_shard(stage, task, _assemble_parts(task, read, dim), start)

@@ -236,7 +236,9 @@ def test_train_stage_under_torchrun(tok, tmp_path, monkeypatch):
     assert 'phase = "1.5"' in (run / TOML_FILE).read_text()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["phase"] == "1.5" and summary["world_size"] == 2
-    with pytest.raises(RuntimeError, match=r"training phase 2 failed \(exit [1-9]"):
+    # one line: the failing rank's exception, the exit code, where the log is
+    with pytest.raises(RuntimeError, match=r"training phase 2 failed on rank \d: ValueError: training phase 2 "
+                       r"starts from the previous phase.* \(exit [1-9]\d*\); its output is in "):
         TrainStage().run(str(packs), str(tmp_path / "bad"), load_config(None, ["train.phase=2", *sets]), quiet=True)
 
 
