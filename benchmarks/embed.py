@@ -84,7 +84,7 @@ def plain_loop_process(raw: str, batch: int, threads: int) -> dict:
 def ray_stage(raw: str, work: str, batch: int, threads: int) -> dict:
     import ray
 
-    from curation.embed import EmbedStage, run_embed_pipeline
+    from curation.embed import EmbedStage
     from curation.ingest import IngestStage
     from ovpipe.config import load_config
     from ovpipe.core.stage import run_stage
@@ -95,16 +95,12 @@ def ray_stage(raw: str, work: str, batch: int, threads: int) -> dict:
         "embed.pool_size=1", f"embed.num_cpus_per_actor={threads}", "embed.decode_rows=16",
         "embed.device=cpu"])
     run_stage(IngestStage(), raw, os.path.join(work, "ingest"), cfg, quiet=True)
-    timings: dict = {}
-
-    class TimedEmbed(EmbedStage):
-        def execute(self, pending, ctx, progress):
-            return run_embed_pipeline(self, pending, ctx.cfg, progress, timings)
-
+    stage = EmbedStage()
     start = time.perf_counter()
-    summary = run_stage(TimedEmbed(), os.path.join(work, "ingest"), os.path.join(work, "embed"), cfg, quiet=True)
+    summary = run_stage(stage, os.path.join(work, "ingest"), os.path.join(work, "embed"), cfg, quiet=True)
     total = time.perf_counter() - start
     ray.shutdown()
+    timings = stage.timings
     return {"images": summary.kept_rows, "total_s": round(total, 3),
             "startup_s": round(timings["actor_startup_s"], 3),
             "steady_s": round(timings["actor_steady_s"], 3), "steady_images": timings["actor_steady_rows"],

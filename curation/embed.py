@@ -524,6 +524,8 @@ class EmbedStage(SinglePassStage):
 
     def __init__(self):
         self._embedder: Embedder | None = None  # only for the in-process (`run.executor = local`) path
+        # after a Ray run: actor start-up and steady-state rates (run_embed_pipeline), for benchmarks
+        self.timings: dict[str, float] = {}
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_embedder"}
@@ -552,7 +554,7 @@ class EmbedStage(SinglePassStage):
         """On Ray: the Ray Data actor pool below; locally: one shard after another (process)."""
         if not uses_ray(ctx.cfg):
             return super().execute(pending, ctx, progress)
-        return run_embed_pipeline(self, pending, ctx.cfg, progress)
+        return run_embed_pipeline(self, pending, ctx.cfg, progress, self.timings)
 
 
 def _assemble_parts(task: ShardTask, parts: list[dict[str, np.ndarray]], dim: int) -> ShardOutput:
