@@ -351,17 +351,11 @@ class BucketPlan:
 
     def alloc_row(self, b: int) -> np.ndarray:
         """int64[G]: packs of each group bucket b forms."""
-        row = np.zeros(self.groups, np.int64)
-        s, e = self.alloc_offsets[b], self.alloc_offsets[b + 1]
-        row[self.alloc_group[s:e]] = self.alloc_copies[s:e]
-        return row
+        return _dense_row(self.alloc_offsets, self.alloc_group, self.alloc_copies, b, self.groups)
 
     def pool_hist(self, b: int, size: int) -> np.ndarray:
         """int64[size]: bucket b's pooled samples of each length."""
-        hist = np.zeros(size, np.int64)
-        s, e = self.pool_offsets[b], self.pool_offsets[b + 1]
-        hist[self.pool_length[s:e]] = self.pool_count[s:e]
-        return hist
+        return _dense_row(self.pool_offsets, self.pool_length, self.pool_count, b, size)
 
     def pooled_before(self, b: int, lengths: np.ndarray) -> np.ndarray:
         """For each length (one bucket b pools), the samples of it pooled by the buckets before b."""
@@ -468,6 +462,15 @@ def plan_buckets(hists: LengthCounts | np.ndarray, capacity: int, max_items: int
         _narrow(left[by_bucket]), _narrow(before[by_bucket]))
 
 
+def _dense_row(offsets: np.ndarray, index: np.ndarray, values: np.ndarray, row: int, size: int) -> np.ndarray:
+    """int64[size]: row ``row`` of a sparse matrix stored by rows (``index[offsets[row]:offsets[row+1]]``
+    are its nonzero columns, ``values[...]`` their values), as a dense vector."""
+    dense = np.zeros(size, np.int64)
+    s, e = offsets[row], offsets[row + 1]
+    dense[index[s:e]] = values[s:e]
+    return dense
+
+
 def _narrow(counts: np.ndarray) -> np.ndarray:
     """int32 when every count fits (samples below 2**31): half the bytes of the per-bucket rows."""
     return counts.astype(np.int32) if not len(counts) or int(counts.max()) < 2**31 else counts
@@ -495,10 +498,7 @@ class RepairSplit:
 
     def copies_of(self, k: int, groups: int) -> np.ndarray:
         """int64[G]: packs of each group repair shard k forms."""
-        row = np.zeros(groups, np.int64)
-        s, e = self.offsets[k], self.offsets[k + 1]
-        row[self.group[s:e]] = self.copies[s:e]
-        return row
+        return _dense_row(self.offsets, self.group, self.copies, k, groups)
 
     def dest(self, lengths: np.ndarray, numbers: np.ndarray) -> np.ndarray:
         """The repair shard of each pooled sample (its length, its number within that length)."""
