@@ -3,7 +3,7 @@ every caption (issue 15). Called by ``curation.caption.CaptionDedupPass.prepare`
 
 Reads:  pass 1's committed shards (``OUT/_captions``): ``sample_id``, ``caption_key``, optional
         ``sample_hash``, and ``caption_minhash`` when near-dedup is on.
-Writes: scratch files under ``OUT/_tmp/caption-dedup/<run>/`` (Arrow IPC; each file holds one
+Writes: scratch files under ``OUT/_tmp/caption-dedup/<run>/`` (``ovpipe.core.routed``: Arrow IPC, one
         record batch per destination, so a reducer reads only its own batch of every file), and
         per input shard the loser table (``LOSER_SCHEMA``: row, reason, detail) as
         ``.../losers/<shard index>.parquet``, which the pass copies to ``OUT/_dedup/``.
@@ -40,6 +40,7 @@ import xxhash
 
 from ovpipe.core.executor import map_tasks
 from ovpipe.core.hashing import text_hash
+from ovpipe.core.routed import read_routed, write_routed
 from ovpipe.core.shards import Location, read_table, write_table
 
 LOSER_SCHEMA = pa.schema([pa.field("row", pa.int32()), pa.field("reason", pa.string()), pa.field("detail", pa.string())])
@@ -48,28 +49,9 @@ ROWS_PER_PARTITION = 500_000  # a band reducer holds ~26 B x bands a row: ~210 M
 _BAND_MULT = np.uint64(0x100000001B3)
 
 
-# --- scratch files: one record batch per destination -------------------------------------------
-
-def _write_routed(dest: Location, table: pa.Table, route: np.ndarray, n: int) -> str:
-    """Rows of `table` grouped by `route` (0..n-1) into n record batches (empty ones too)."""
-    order = np.argsort(route, kind="stable")
-    table = table.take(pa.array(order))
-    bounds = np.searchsorted(route[order], np.arange(n + 1))
-    dest.fs.create_dir(dest.path.rsplit("/", 1)[0], recursive=True)
-    with dest.fs.open_output_stream(dest.path) as f, pa.ipc.new_file(f, table.schema) as w:
-        for b in range(n):
-            w.write_batch(table.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])).combine_chunks().to_batches()[0]
-                          if bounds[b + 1] > bounds[b] else pa.RecordBatch.from_pylist([], schema=table.schema))
-    return dest.path  # in the scratch folder's filesystem (a URI would not open on an object store's)
-
-
-def _read_routed(paths: list[str], fs, index: int, schema: pa.Schema) -> pa.Table:
-    """Batch `index` of every file (paths in ``fs``): everything routed to one destination."""
-    batches = []
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            batches.append(pa.ipc.open_file(f).get_batch(index))
-    return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+def _scratch(paths: list[str], fs) -> list[Location]:
+    """Scratch files named by their paths in the scratch folder's filesystem."""
+    return [Location(fs, p) for p in paths]
 
 
 EXACT = pa.schema([("key", pa.uint64()), ("hash", pa.uint64()), ("shard", pa.int32()), ("row", pa.int32()),
@@ -123,17 +105,17 @@ def exact_map(job: dict, i: int, shard: Location) -> tuple[int, str]:
     key = t.column("caption_key").to_numpy()
     table = pa.table([key, _sample_hashes(t), np.full(n, i, np.int32), np.arange(n, dtype=np.int32),
                       t.column("sample_id")], schema=EXACT)
-    return i, _write_routed(job["dir"].join("exact", f"{i}.arrow"), table, (key % job["P"]).astype(np.int64), job["P"])
+    return i, write_routed(job["dir"].join("exact", f"{i}.arrow"), table, (key % job["P"]).astype(np.int64), job["P"])
 
 
 def exact_reduce(job: dict, p: int, files: list[str]) -> tuple[int, str]:
-    t = _read_routed(files, job["dir"].fs, p, EXACT)
+    t = read_routed(_scratch(files, job["dir"].fs), p, EXACT)
     cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in ("key", "hash", "shard", "row")}
     losers, winners = (_group_heads([cols["key"]], [cols["hash"], cols["shard"], cols["row"]])
                        if job["exact"] and len(t) else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
     ids = t.column("sample_id").take(pa.array(winners))
     out = pa.table([cols["row"][losers], ids], schema=LOST)
-    return p, _write_routed(job["dir"].join("lost", f"{p}.arrow"), out, cols["shard"][losers].astype(np.int64), job["S"])
+    return p, write_routed(job["dir"].join("lost", f"{p}.arrow"), out, cols["shard"][losers].astype(np.int64), job["S"])
 
 
 def band_map(job: dict, i: int, shard: Location, lost_files: list[str]) -> tuple[int, str | None, int]:
@@ -144,7 +126,7 @@ def band_map(job: dict, i: int, shard: Location, lost_files: list[str]) -> tuple
     t = read_table(shard, ["sample_id", "caption_minhash"] + [c for c in ("sample_hash",) if c in names])
     n = t.num_rows
     alive = np.ones(n, dtype=bool)
-    alive[_read_routed(lost_files, job["dir"].fs, i, LOST).column("row").to_numpy()] = False
+    alive[read_routed(_scratch(lost_files, job["dir"].fs), i, LOST).column("row").to_numpy()] = False
     rows = np.flatnonzero(alive).astype(np.int32)
     bands = _band_keys(_signatures(t.column("caption_minhash"), n, job["perms"])[rows], job["bands"])
     b = bands.shape[1]
@@ -152,12 +134,12 @@ def band_map(job: dict, i: int, shard: Location, lost_files: list[str]) -> tuple
                       np.repeat(_sample_hashes(t)[rows], b), np.full(len(rows) * b, i, np.int32),
                       np.repeat(rows, b)], schema=BAND)
     route = (bands.reshape(-1) % job["P"]).astype(np.int64)
-    return i, _write_routed(job["dir"].join("band", f"{i}.arrow"), table, route, job["P"]), len(rows)
+    return i, write_routed(job["dir"].join("band", f"{i}.arrow"), table, route, job["P"]), len(rows)
 
 
 def band_reduce(job: dict, p: int, files: list[str]) -> tuple[int, str]:
     """Buckets -> (member, leader) pairs, routed to the leader's shard."""
-    t = _read_routed(files, job["dir"].fs, p, BAND)
+    t = read_routed(_scratch(files, job["dir"].fs), p, BAND)
     c = {k: t.column(k).to_numpy() for k in BAND.names}
     if len(t):
         members, heads = _group_heads([c["band"], c["key"]], [c["hash"], c["shard"], c["row"]])
@@ -165,18 +147,18 @@ def band_reduce(job: dict, p: int, files: list[str]) -> tuple[int, str]:
         members = heads = np.zeros(0, np.int64)
     pairs = pa.table([c["shard"][members], c["row"][members], c["hash"][heads], c["shard"][heads],
                       c["row"][heads]], schema=PAIR)
-    return p, _write_routed(job["dir"].join("pair", f"{p}.arrow"), pairs, c["shard"][heads].astype(np.int64), job["S"])
+    return p, write_routed(job["dir"].join("pair", f"{p}.arrow"), pairs, c["shard"][heads].astype(np.int64), job["S"])
 
 
 def leader_map(job: dict, i: int, shard: Location, pair_files: list[str]) -> tuple[int, str]:
     """Pairs whose leader is in this shard: + the leader's signature and sample_id; -> member's shard."""
-    pairs = _read_routed(pair_files, job["dir"].fs, i, PAIR)
+    pairs = read_routed(_scratch(pair_files, job["dir"].fs), i, PAIR)
     l_rows = pairs.column("l_row").to_numpy()
     t = read_table(shard, ["sample_id", "caption_minhash"])
     take = pa.array(l_rows.astype(np.int64))
     out = pa.table([pairs.column("m_row"), pairs.column("l_hash"), pairs.column("l_shard"), pairs.column("l_row"),
                     t.column("sample_id").take(take), t.column("caption_minhash").take(take)], schema=LEAD)
-    return i, _write_routed(job["dir"].join("lead", f"{i}.arrow"), out,
+    return i, write_routed(job["dir"].join("lead", f"{i}.arrow"), out,
                             pairs.column("m_shard").to_numpy().astype(np.int64), job["S"])
 
 
@@ -184,12 +166,12 @@ def final(job: dict, i: int, shard: Location, lost_files: list[str], lead_files:
     """This shard's losers: exact ones, then near ones (smallest passing leader per member);
     written sorted by row. Returns (shard index, losers, digest of the table)."""
     fs = job["dir"].fs
-    lost = _read_routed(lost_files, fs, i, LOST)
+    lost = read_routed(_scratch(lost_files, fs), i, LOST)
     rows = [lost.column("row").to_numpy()]
     reasons = ["duplicate_caption"] * len(lost)
     details = [f"same normalised caption as sample {w}" for w in lost.column("winner").to_pylist()]
     if job["threshold"] > 0 and lead_files:
-        lead = _read_routed(lead_files, fs, i, LEAD)
+        lead = read_routed(_scratch(lead_files, fs), i, LEAD)
         if len(lead):
             m_row = lead.column("m_row").to_numpy()
             t = read_table(shard, ["caption_minhash"])

@@ -16,9 +16,10 @@ Reads (one format per input file, detected from its name and columns):
 
 Writes (docs/data-contracts.md), as ``PackStage``, three passes of ovpipe.core.stage.run_stage:
 * ``OUT/_staged/`` (pass ``pack``, ``PackPrepPass``; also the ledger's stage name): per input shard
-  ``data/<shard>.parquet`` (the index: INDEX_COLUMNS), ``_payload/<shard>.parquet`` (the rendered
-  samples, STAGED_SCHEMA, one row group per bucket = sample_hash mod B; B = pack.buckets, or from
-  the input size), ``_ledger/<shard>.parquet`` (the samples dropped: overlong, bad images, ...);
+  ``data/<shard>.parquet`` (the index: INDEX_COLUMNS), ``_payload/<shard>.arrow`` (the rendered
+  samples, STAGED_SCHEMA, a routed file (ovpipe.core.routed): one Arrow record batch per bucket =
+  sample_hash mod B; B = pack.buckets, or from the input size), ``_ledger/<shard>.parquet`` (the
+  samples dropped: overlong, bad images, ...);
 * ``OUT/_lengths/`` (pass ``pack_lengths``): per bucket, its exact length histogram;
 * ``OUT/data/bucket-XXXXX.parquet`` and ``OUT/data/repair-XXXXX.parquet`` (pass ``pack_buckets``,
   ``PackBucketPass``): one row per pack, PACK_SCHEMA (packing/schema.py), self-contained; the
@@ -31,12 +32,15 @@ committed, unless ``pack.keep_staged``.
 
 How it runs: pass 1 is one task per input shard (render, measure, fetch images, ledger overlong
 and bad samples, write rows grouped by bucket). Pass 2 is one task per bucket: the ``num_tokens``
-column of that bucket's row group of every staged payload -> a length histogram. Pass 3 plans
+column of that bucket's batch of every staged payload -> a length histogram. Pass 3 plans
 once on the driver from those histograms (packing.pack.plan_buckets: ONE best-fit-decreasing
 plan over all samples, its packs handed to the buckets that can form them from their own
 samples), then runs one task per bucket (its packs; the samples its packs do not take go to
-``OUT/_pool/bucket-XXXXX.parquet``, one row group per repair shard) and, after every bucket,
-one task per repair shard (the plan's other packs, from its row group of every pool file). So
+``OUT/_pool/bucket-XXXXX.arrow``, a routed file, one batch per repair shard) and, after every
+bucket, one task per repair shard (the plan's other packs, from its batch of every pool file).
+These reads are a shuffle: S x B small reads in passes 2 and 3 (S staged shards, B buckets) and
+B x B for the repair shards, each of a cost that does not grow with B (an Arrow IPC footer, not
+a Parquet one: ovpipe.core.routed). So
 the pack count is exactly one global BFD's, whatever B and the worker count. Virtual shards are
 stamped with a digest of the staged shards, so they are redone when those change. run_stage
 commits, resumes and checks the accounting (inputs = packed + ledgered; every staged sample is
@@ -64,9 +68,9 @@ from ovpipe.core.config import config_hash
 from ovpipe.core.hashing import text_hash
 from ovpipe.core.images import MAX_SOURCE_PIXELS, BadImage, fetch_image_bytes, probe_image
 from ovpipe.core.ledger import Ledger
+from ovpipe.core.routed import read_routed, write_routed
 from ovpipe.core.shards import (
     MANIFEST_DIR,
-    PARQUET_WRITE_OPTIONS,
     Location,
     default_source,
     read_manifest_entries,
@@ -103,6 +107,7 @@ if TYPE_CHECKING:  # annotations only: the root config composes every stage's se
 STAGED_DIR = "_staged"
 IMAGE_STORE_DIR = "images"  # an input's image store (`ovpipe merge` writes it; ImageStore)
 PAYLOAD_DIR = "_payload"
+ROUTED = ".arrow"  # the suffix of routed files: staged payloads and pool files
 REDONE_MARK = "#payload-redone-"  # in a staged shard's stamp: redone because its payload was removed
 LENGTHS_DIR = "_lengths"
 POOL_DIR = "_pool"
@@ -428,7 +433,7 @@ class PackPrepPass(Pass):
 
     name = "pack"  # also the ledger's stage
     config_sections = ("pack", "run")
-    schema_version = 2
+    schema_version = 3  # 3: payloads are routed Arrow files (were Parquet, a row group per bucket)
     input_suffixes = (".parquet", ".jsonl", ".json")
     folder = STAGED_DIR
 
@@ -436,7 +441,7 @@ class PackPrepPass(Pass):
         self.buckets = 1  # set by prepare (pack.buckets, or from the input size)
 
     def shard_files(self, shard: str) -> list[str]:
-        return [f"{PAYLOAD_DIR}/{shard}.parquet"]
+        return [f"{PAYLOAD_DIR}/{shard}{ROUTED}"]
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
         """The input shards; but once a finished run removed the payload (pack.keep_staged = false),
@@ -450,8 +455,8 @@ class PackPrepPass(Pass):
         base = lambda stamp: (stamp or "").split(REDONE_MARK)[0]  # noqa: E731
         same = {s.name for s in shards
                 if s.name in done and base(done[s.name].get("input_stamp")) == (s.stamp or "")}
-        present = {posixpath.basename(f.path).removesuffix(".parquet")
-                   for f in ctx.output.join(PAYLOAD_DIR).list_files((".parquet",), recursive=False)}
+        present = {posixpath.basename(f.path).removesuffix(ROUTED)
+                   for f in ctx.output.join(PAYLOAD_DIR).list_files((ROUTED,), recursive=False)}
         gone = set(done) - present
         changed = same != set(done) or same != {s.name for s in shards}
         # a finished run with nothing new keeps its payload-less shards; otherwise (the input changed,
@@ -525,12 +530,11 @@ class PackPrepPass(Pass):
         return self._stage_rows(task, pa.Table.from_pydict(rows, schema=STAGED_SCHEMA), n_in, ledger)
 
     def _stage_rows(self, task: ShardTask, table: pa.Table, n_in: int, ledger: Ledger) -> ShardOutput:
-        # Group by bucket (stable: input order within a bucket), one row group per bucket.
+        # Grouped by bucket (stable: input order within a bucket), one batch per bucket.
         buckets = np.asarray(table.column("bucket"))
-        order = np.argsort(buckets, kind="stable")
-        table = table.take(order)
-        _write_payload(task.output_root.join(PAYLOAD_DIR, f"{task.shard}.parquet"), table, buckets[order])
-        return ShardOutput(table.select(INDEX_COLUMNS), ledger, n_in, stats={"buckets": self.buckets})
+        write_routed(task.output_root.join(PAYLOAD_DIR, f"{task.shard}{ROUTED}"), table, buckets, self.buckets)
+        index = table.select(INDEX_COLUMNS).take(np.argsort(buckets, kind="stable"))
+        return ShardOutput(index, ledger, n_in, stats={"buckets": self.buckets})
 
     @staticmethod
     def _sample(rec: dict, cfg, tok: ptok.Tokenizer) -> dict:
@@ -615,46 +619,19 @@ def auto_buckets(inputs: list[Location], per_bucket: int, lengths_per_bucket: in
     return 1 << max(0, int(np.ceil(np.log2(max(load, 1 / per_bucket)))))
 
 
-def _write_payload(dest: Location, table: pa.Table, groups: np.ndarray) -> None:
-    """One row group per group (rows sorted by group): a bucket (staged payloads) or a repair
-    shard (pool files), so a task reads only its group of every file. An empty table is written
-    too (an empty group map), so that a missing file always means a removed payload."""
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if len(groups) else np.zeros(0, int)
-    row_groups = {int(groups[s]): i for i, s in enumerate(starts)}
-    schema = table.schema.with_metadata({b"ovpipe.bucket_row_groups": json.dumps(row_groups).encode()})
-    sink = io.BytesIO()
-    opts = {k: v for k, v in PARQUET_WRITE_OPTIONS.items() if k != "row_group_size"}
-    with pq.ParquetWriter(sink, schema, **opts) as w:
-        bounds = list(starts) + [len(groups)]
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            w.write_table(table.slice(int(s), int(e - s)).replace_schema_metadata(schema.metadata),
-                          row_group_size=max(int(e - s), 1))
-    write_bytes_atomic(dest, sink.getvalue())
-
-
 # ------------------------------------------------------------------ pass 2
 
 
 def _read_group(payloads: list[Location], group: int, columns: list[str] | None = None) -> pa.Table:
-    """Row group ``group`` of every payload, in the given order (``columns``: only those)."""
-    parts = []
-    for loc in payloads:
-        try:
-            f = loc.fs.open_input_file(loc.path)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{loc.uri()}: the pack stage's intermediate payload is gone (removed after the last "
-                "successful run, pack.keep_staged = false), and this run must redo some buckets. Re-run "
-                "with --overwrite, or set pack.keep_staged = true for runs that add inputs later.") from None
-        with f:
-            pf = pq.ParquetFile(f)
-            groups = json.loads(pf.schema_arrow.metadata[b"ovpipe.bucket_row_groups"])
-            if str(group) in groups:
-                parts.append(pf.read_row_group(groups[str(group)], columns=columns).replace_schema_metadata(None))
-    schema = STAGED_SCHEMA if columns is None else pa.schema([STAGED_SCHEMA.field(c) for c in columns])
-    if not parts:
-        return schema.empty_table()
-    return pa.concat_tables(parts).cast(schema)
+    """Batch ``group`` (a bucket, or a repair shard of pool files) of every routed file, in the
+    given order (``columns``: only those)."""
+    try:
+        return read_routed(payloads, group, STAGED_SCHEMA, columns)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{e.filename}: the pack stage's intermediate payload is gone (removed after the last "
+            "successful run, pack.keep_staged = false), and this run must redo some buckets. Re-run "
+            "with --overwrite, or set pack.keep_staged = true for runs that add inputs later.") from None
 
 
 def _list_of(values: pa.Array, offsets: np.ndarray) -> pa.Array:
@@ -738,12 +715,12 @@ def _staged_buckets(ctx: PassContext) -> int:
 def _payloads(ctx: PassContext) -> list[Location]:
     """Every staged payload, by shard name (the same order whatever the worker count)."""
     staged = ctx.done[PackPrepPass.name]
-    return [staged.output.join(PAYLOAD_DIR, f"{s}.parquet") for s in sorted(staged.entries)]
+    return [staged.output.join(PAYLOAD_DIR, f"{s}{ROUTED}") for s in sorted(staged.entries)]
 
 
 class PackLengthsPass(Pass):
     """Pass 2: one virtual shard per bucket -> its exact length histogram (``OUT/_lengths/``), read
-    from the ``num_tokens`` column of its row group of every staged payload (no payload bytes)."""
+    from the ``num_tokens`` column of its batch of every staged payload (no payload bytes)."""
 
     name = "pack_lengths"
     config_sections = ("pack",)
@@ -788,9 +765,9 @@ class PackBucketPass(Pass):
     """Pass 3: the packs of one global best-fit-decreasing plan, formed in parallel.
 
     Its shards: one per bucket (``bucket-XXXXX``: the plan's packs that bucket can form from its own
-    samples; the rest of its samples go to ``OUT/_pool/bucket-XXXXX.parquet``, one row group per
-    repair shard) and then the repair shards (``repair-XXXXX``: the plan's other packs, from their
-    row group of every pool file). All land in ``OUT/data/``. The plan is computed once, on the
+    samples; the rest of its samples go to ``OUT/_pool/bucket-XXXXX.arrow``, one batch per repair
+    shard) and then the repair shards (``repair-XXXXX``: the plan's other packs, from their batch
+    of every pool file). All land in ``OUT/data/``. The plan is computed once, on the
     driver, from pass 2's histograms (packing.pack.plan_buckets), so the pack count is exactly
     the global BFD's whatever the bucket or worker count."""
 
@@ -823,7 +800,7 @@ class PackBucketPass(Pass):
                 + [Shard(repair_name(k), None, stamp, buckets + k) for k in range(n_repair)])
 
     def shard_files(self, shard: str) -> list[str]:
-        return [f"{POOL_DIR}/{shard}.parquet"] if shard.startswith("bucket-") else []
+        return [f"{POOL_DIR}/{shard}{ROUTED}"] if shard.startswith("bucket-") else []
 
     def execute(self, pending: list[ShardTask], ctx: PassContext, progress) -> dict[str, str]:
         """The buckets first (they write the pool files), then the repair shards that read them."""
@@ -842,7 +819,7 @@ class PackBucketPass(Pass):
             copies = self.plan.alloc_row(task.index)
         else:
             k = task.index - buckets
-            pools = [task.output_root.join(POOL_DIR, f"{bucket_name(b)}.parquet") for b in range(buckets)]
+            pools = [task.output_root.join(POOL_DIR, f"{bucket_name(b)}{ROUTED}") for b in range(buckets)]
             samples = _read_group(pools, k)
             copies = self.repair.copies_of(k, self.plan.groups)
         res, pool = self._pack(samples, copies, cfg)
@@ -875,10 +852,8 @@ class PackBucketPass(Pass):
         run_start = np.flatnonzero(np.r_[True, lens[1:] != lens[:-1]]) if len(lens) else np.zeros(0, np.int64)
         rank = np.arange(len(lens)) - np.repeat(run_start, np.diff(np.r_[run_start, len(lens)]))
         number = self.plan.pooled_before(task.index, lens) + rank
-        dest = self.repair.dest(lens, number)
-        by_dest = np.argsort(dest, kind="stable")
-        _write_payload(task.output_root.join(POOL_DIR, f"{task.shard}.parquet"), samples.take(pool[by_dest]),
-                       dest[by_dest])
+        write_routed(task.output_root.join(POOL_DIR, f"{task.shard}{ROUTED}"), samples.take(pool),
+                     self.repair.dest(lens, number), self.repair.shards)
 
     def _stats(self, task: ShardTask, packed: pa.Table, res: PackResult, pooled: int, max_len: int) -> dict:
         lens = np.asarray(packed.column("num_tokens"), dtype=np.int64)
