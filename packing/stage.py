@@ -532,7 +532,8 @@ class PackPrepPass(Pass):
     def _stage_rows(self, task: ShardTask, table: pa.Table, n_in: int, ledger: Ledger) -> ShardOutput:
         # Grouped by bucket (stable: input order within a bucket), one batch per bucket.
         buckets = np.asarray(table.column("bucket"))
-        write_routed(task.output_root.join(PAYLOAD_DIR, f"{task.shard}{ROUTED}"), table, buckets, self.buckets)
+        write_routed(task.output_root.join(PAYLOAD_DIR, f"{task.shard}{ROUTED}"), table, buckets, self.buckets,
+                     _compression(table))
         index = table.select(INDEX_COLUMNS).take(np.argsort(buckets, kind="stable"))
         return ShardOutput(index, ledger, n_in, stats={"buckets": self.buckets})
 
@@ -620,6 +621,13 @@ def auto_buckets(inputs: list[Location], per_bucket: int, lengths_per_bucket: in
 
 
 # ------------------------------------------------------------------ pass 2
+
+
+def _compression(samples: pa.Table) -> str | None:
+    """zstd for rendered samples (text, token ids); none for rows of precomputed lengths (ids and
+    integers: compressing each small buffer costs more read time than it saves)."""
+    rendered = samples.num_rows and pc.max(pc.utf8_length(samples.column("conversation"))).as_py()
+    return "zstd" if rendered else None
 
 
 def _read_group(payloads: list[Location], group: int, columns: list[str] | None = None) -> pa.Table:
@@ -852,8 +860,9 @@ class PackBucketPass(Pass):
         run_start = np.flatnonzero(np.r_[True, lens[1:] != lens[:-1]]) if len(lens) else np.zeros(0, np.int64)
         rank = np.arange(len(lens)) - np.repeat(run_start, np.diff(np.r_[run_start, len(lens)]))
         number = self.plan.pooled_before(task.index, lens) + rank
-        write_routed(task.output_root.join(POOL_DIR, f"{task.shard}{ROUTED}"), samples.take(pool),
-                     self.repair.dest(lens, number), self.repair.shards)
+        pooled = samples.take(pool)
+        write_routed(task.output_root.join(POOL_DIR, f"{task.shard}{ROUTED}"), pooled,
+                     self.repair.dest(lens, number), self.repair.shards, _compression(pooled))
 
     def _stats(self, task: ShardTask, packed: pa.Table, res: PackResult, pooled: int, max_len: int) -> dict:
         lens = np.asarray(packed.column("num_tokens"), dtype=np.int64)

@@ -12,14 +12,12 @@ read without parsing: ~0.4 ms a read at 32 or 8,192 destinations alike. ``column
 those columns' buffers (pack's length pass reads ``num_tokens`` and skips the image bytes).
 
 Layout: batch d is destination d, empty batches included, so a file's batch count is always its
-destination count. A destination whose rows do not fit one batch (binary data over 2 GiB) spans
-several; then the schema's ``ovpipe.route_starts`` metadata (JSON: n + 1 batch indices) says
-which, and only then.
+destination count. A destination holds less than 2 GiB of one binary column (Arrow's 32-bit
+offsets; the callers' tasks hold far less).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Iterable
 
 import numpy as np
@@ -27,33 +25,27 @@ import pyarrow as pa
 
 from ovpipe.core.shards import Location, write_bytes_atomic
 
-STARTS_KEY = b"ovpipe.route_starts"
-WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
-
-def write_routed(dest: Location, table: pa.Table, route: np.ndarray, n: int) -> str:
+def write_routed(dest: Location, table: pa.Table, route: np.ndarray, n: int, compression: str | None = "zstd") -> str:
     """Rows of ``table`` grouped by ``route`` (ints in 0..n-1; stable: input order within a
     destination) into n destinations; written whole (through a temporary name on a local disk).
-    Returns ``dest.path``, the name in ``dest.fs`` (a URI would not open on an object store's)."""
+    ``compression`` (per buffer; None for small numeric rows, where it costs more time than it
+    saves: 0.30 vs 0.12 ms a read of 400 rows). Returns ``dest.path``, the name in ``dest.fs`` (a
+    URI would not open on an object store's)."""
     route = np.asarray(route, dtype=np.int64)
     if len(route) and (route.min() < 0 or route.max() >= n):
         raise ValueError(f"{dest.uri()}: routes must lie in 0..{n - 1} (got {route.min()}..{route.max()})")
     order = np.argsort(route, kind="stable")
     table = table.take(pa.array(order)).replace_schema_metadata(None)
     bounds = np.searchsorted(route[order], np.arange(n + 1))
-    per_dest = []
-    for d in range(n):
-        part = table.slice(int(bounds[d]), int(bounds[d + 1] - bounds[d])).combine_chunks()
-        per_dest.append(part.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)])
-    schema = table.schema
-    if any(len(b) != 1 for b in per_dest):
-        starts = np.r_[0, np.cumsum([len(b) for b in per_dest])].tolist()
-        schema = schema.with_metadata({STARTS_KEY: json.dumps(starts).encode()})
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, schema, options=WRITE_OPTIONS) as w:
-        for batches in per_dest:
-            for b in batches:
-                w.write_batch(b.replace_schema_metadata(schema.metadata))
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+        for d in range(n):
+            part = table.slice(int(bounds[d]), int(bounds[d + 1] - bounds[d])).combine_chunks().to_batches()
+            if len(part) > 1:
+                raise ValueError(f"{dest.uri()}: destination {d} holds over 2 GiB of one column; route to more "
+                                 "destinations")
+            w.write_batch(part[0] if part else pa.RecordBatch.from_pylist([], schema=table.schema))
     write_bytes_atomic(dest, sink.getvalue())
     return dest.path
 
@@ -71,18 +63,11 @@ def read_routed(files: Iterable[Location], index: int, schema: pa.Schema, column
             raise FileNotFoundError(2, "no such routed file", loc.uri()) from None
         with f:
             reader = pa.ipc.open_file(f, options=pa.ipc.IpcReadOptions(included_fields=fields))
-            meta = reader.schema.metadata or {}
-            if STARTS_KEY in meta:
-                starts = json.loads(meta[STARTS_KEY])
-                span = range(starts[index], starts[index + 1])
-            elif index < reader.num_record_batches:
-                span = range(index, index + 1)
-            else:
+            if index >= reader.num_record_batches:
                 raise ValueError(f"{loc.uri()}: has {reader.num_record_batches} destinations, not {index + 1}")
-            for i in span:
-                b = reader.get_batch(i)
-                if b.num_rows:
-                    batches.append(b.replace_schema_metadata(None))
+            b = reader.get_batch(index)
+            if b.num_rows:
+                batches.append(b)
     if not batches:
         return want.empty_table()
     return pa.Table.from_batches(batches).cast(want)
