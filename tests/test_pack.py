@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -555,6 +556,34 @@ def lengths_input(folder: Path, n: int, shards: int, seed: int = 13) -> None:
         sl = slice(k * n // shards, (k + 1) * n // shards)
         ids = [f"s{seed}_{i:06d}" for i in range(sl.start, sl.stop)]
         pq.write_table(pa.table({"sample_id": ids, "num_tokens": lens[sl]}), folder / f"part-{k}.parquet")
+
+
+def test_staged_payloads_and_pools_are_routed_files_of_one_batch_per_destination(tmp_path):
+    """Passes 2 and 3 read one record batch of every staged payload (pool file): each is an Arrow
+    IPC file of exactly B batches (buckets; repair shards for a pool), batch b holding bucket b's
+    rows in input order, so a read's cost does not grow with B (a Parquet footer did)."""
+    src = tmp_path / "in"
+    lengths_input(src, 4000, 3)
+    cfg = load_config(overrides=["pack.buckets=5", "pack.plot=false", "run.executor=\"local\"",
+                                 "pack.keep_staged=true"])
+    out = tmp_path / "out"
+    run_stage(PackStage(), str(src), str(out), cfg, quiet=True)
+    payloads = sorted((out / "_staged" / "_payload").iterdir())
+    assert [p.suffix for p in payloads] == [".arrow"] * 3
+    for p in payloads:
+        reader = pa.ipc.open_file(str(p))
+        assert reader.num_record_batches == 5
+        index = pq.read_table(out / "_staged" / "data" / p.name.replace(".arrow", ".parquet"))
+        for b in range(5):
+            batch = reader.get_batch(b)
+            assert set(batch.column("bucket").to_pylist()) <= {b}
+            want = index.filter(pc.equal(index.column("bucket"), b)).column("sample_id").to_pylist()
+            assert batch.column("sample_id").to_pylist() == want  # input order within the bucket
+    pools = sorted((out / "_pool").iterdir())
+    assert len(pools) == 5 and all(pa.ipc.open_file(str(p)).num_record_batches == 5 for p in pools)
+    pooled = sum(pa.ipc.open_file(str(p)).read_all().num_rows for p in pools)
+    stats = json.loads((out / "pack_stats.json").read_text())
+    assert pooled == stats["repair"]["samples"]
 
 
 def test_buckets_are_redone_when_the_staged_input_changes(tmp_path):
