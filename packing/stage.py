@@ -107,7 +107,8 @@ if TYPE_CHECKING:  # annotations only: the root config composes every stage's se
 STAGED_DIR = "_staged"
 IMAGE_STORE_DIR = "images"  # an input's image store (`ovpipe merge` writes it; ImageStore)
 PAYLOAD_DIR = "_payload"
-ROUTED = ".arrow"  # the suffix of routed files: staged payloads and pool files
+COUNTS_DIR = "_counts"  # in _staged: per shard, each bucket's (length, samples) counts
+ROUTED = ".routed"  # routed files (ovpipe.core.routed): staged payloads and counts, pool files
 REDONE_MARK = "#payload-redone-"  # in a staged shard's stamp: redone because its payload was removed
 LENGTHS_DIR = "_lengths"
 POOL_DIR = "_pool"
@@ -132,6 +133,8 @@ STAGED_SCHEMA = pa.schema(
         pa.field("image_hw", pa.list_(pa.list_(pa.int32())), nullable=False),
     ]
 )
+COUNTS_SCHEMA = pa.schema([pa.field("bucket", pa.int32()), pa.field("num_tokens", pa.int32()),
+                           pa.field("samples", pa.int64())])
 INDEX_COLUMNS = ["sample_id", "sample_hash", "bucket", "num_tokens", "image_tokens", "truncated"]
 
 
@@ -433,7 +436,7 @@ class PackPrepPass(Pass):
 
     name = "pack"  # also the ledger's stage
     config_sections = ("pack", "run")
-    schema_version = 3  # 3: payloads are routed Arrow files (were Parquet, a row group per bucket)
+    schema_version = 3  # 3: payloads and counts are routed files (were Parquet, a row group per bucket)
     input_suffixes = (".parquet", ".jsonl", ".json")
     folder = STAGED_DIR
 
@@ -441,7 +444,7 @@ class PackPrepPass(Pass):
         self.buckets = 1  # set by prepare (pack.buckets, or from the input size)
 
     def shard_files(self, shard: str) -> list[str]:
-        return [f"{PAYLOAD_DIR}/{shard}{ROUTED}"]
+        return [f"{PAYLOAD_DIR}/{shard}{ROUTED}", f"{COUNTS_DIR}/{shard}{ROUTED}"]
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
         """The input shards; but once a finished run removed the payload (pack.keep_staged = false),
@@ -530,10 +533,14 @@ class PackPrepPass(Pass):
         return self._stage_rows(task, pa.Table.from_pydict(rows, schema=STAGED_SCHEMA), n_in, ledger)
 
     def _stage_rows(self, task: ShardTask, table: pa.Table, n_in: int, ledger: Ledger) -> ShardOutput:
-        # Grouped by bucket (stable: input order within a bucket), one batch per bucket.
+        # Grouped by bucket (stable: input order within a bucket), one batch per bucket; and
+        # each bucket's length counts, all that pass 2 reads.
         buckets = np.asarray(table.column("bucket"))
         write_routed(task.output_root.join(PAYLOAD_DIR, f"{task.shard}{ROUTED}"), table, buckets, self.buckets,
                      _compression(table))
+        counts = _length_counts(buckets, np.asarray(table.column("num_tokens")))
+        write_routed(task.output_root.join(COUNTS_DIR, f"{task.shard}{ROUTED}"), counts,
+                     np.asarray(counts.column("bucket")), self.buckets, compression=None)
         index = table.select(INDEX_COLUMNS).take(np.argsort(buckets, kind="stable"))
         return ShardOutput(index, ledger, n_in, stats={"buckets": self.buckets})
 
@@ -623,6 +630,14 @@ def auto_buckets(inputs: list[Location], per_bucket: int, lengths_per_bucket: in
 # ------------------------------------------------------------------ pass 2
 
 
+def _length_counts(buckets: np.ndarray, lengths: np.ndarray) -> pa.Table:
+    """COUNTS_SCHEMA rows: samples per (bucket, length) present, sorted."""
+    keys, counts = np.unique((buckets.astype(np.int64) << 32) | lengths.astype(np.int64), return_counts=True)
+    return pa.table({"bucket": pa.array((keys >> 32).astype(np.int32)),
+                     "num_tokens": pa.array((keys & 0xFFFFFFFF).astype(np.int32)),
+                     "samples": pa.array(counts.astype(np.int64))}, schema=COUNTS_SCHEMA)
+
+
 def _compression(samples: pa.Table) -> str | None:
     """zstd for rendered samples (text, token ids); none for rows of precomputed lengths (ids and
     integers: compressing each small buffer costs more read time than it saves)."""
@@ -630,11 +645,11 @@ def _compression(samples: pa.Table) -> str | None:
     return "zstd" if rendered else None
 
 
-def _read_group(payloads: list[Location], group: int, columns: list[str] | None = None) -> pa.Table:
+def _read_group(files: list[Location], group: int, schema: pa.Schema = STAGED_SCHEMA) -> pa.Table:
     """Batch ``group`` (a bucket, or a repair shard of pool files) of every routed file, in the
-    given order (``columns``: only those)."""
+    given order."""
     try:
-        return read_routed(payloads, group, STAGED_SCHEMA, columns)
+        return read_routed(files, group, schema)
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"{e.filename}: the pack stage's intermediate payload is gone (removed after the last "
@@ -720,15 +735,16 @@ def _staged_buckets(ctx: PassContext) -> int:
     return max(e["buckets"] for e in ctx.done[PackPrepPass.name].entries.values())
 
 
-def _payloads(ctx: PassContext) -> list[Location]:
-    """Every staged payload, by shard name (the same order whatever the worker count)."""
+def _payloads(ctx: PassContext, folder: str = PAYLOAD_DIR) -> list[Location]:
+    """Every staged payload (``COUNTS_DIR``: length counts), by shard name (the same order
+    whatever the worker count)."""
     staged = ctx.done[PackPrepPass.name]
-    return [staged.output.join(PAYLOAD_DIR, f"{s}{ROUTED}") for s in sorted(staged.entries)]
+    return [staged.output.join(folder, f"{s}{ROUTED}") for s in sorted(staged.entries)]
 
 
 class PackLengthsPass(Pass):
-    """Pass 2: one virtual shard per bucket -> its exact length histogram (``OUT/_lengths/``), read
-    from the ``num_tokens`` column of its batch of every staged payload (no payload bytes)."""
+    """Pass 2: one virtual shard per bucket -> its exact length histogram (``OUT/_lengths/``), the
+    sum of its batch of every staged shard's length counts (no payload bytes)."""
 
     name = "pack_lengths"
     config_sections = ("pack",)
@@ -737,22 +753,24 @@ class PackLengthsPass(Pass):
     counts_samples = False  # its rows are lengths; pass 3 reads the samples of pass 1
 
     def __init__(self) -> None:
-        self.payloads: list[Location] = []
+        self.counts: list[Location] = []
 
     def list_shards(self, ctx: PassContext) -> list[Shard]:
         stamp = staged_digest(ctx.done[self.reads].entries)
         return [Shard(bucket_name(b), None, stamp, b) for b in range(_staged_buckets(ctx))]
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
-        self.payloads = _payloads(ctx)
+        self.counts = _payloads(ctx, COUNTS_DIR)
         return {}
 
     def process(self, task: ShardTask) -> ShardOutput:
-        lens = np.asarray(_read_group(self.payloads, task.index, ["num_tokens"]).column("num_tokens"), np.int64)
-        counts = np.bincount(lens, minlength=1)
+        parts = _read_group(self.counts, task.index, COUNTS_SCHEMA)
+        lens = np.asarray(parts.column("num_tokens"), np.int64)
+        counts = np.bincount(lens, weights=np.asarray(parts.column("samples")), minlength=1).astype(np.int64)
         at = np.flatnonzero(counts)
         table = pa.table({"num_tokens": pa.array(at.astype(np.int32)), "samples": pa.array(counts[at])})
-        return ShardOutput(table, Ledger(self.name), input_rows=len(lens), kept_samples=len(lens))
+        n = int(counts.sum())
+        return ShardOutput(table, Ledger(self.name), input_rows=n, kept_samples=n)
 
 
 def read_histograms(ctx: PassContext, buckets: int, max_len: int) -> LengthCounts:
@@ -909,6 +927,7 @@ class PackStage(Stage):
             written.append(png.uri())
         if not cfg.pack.keep_staged:  # every pack is committed: the second copy of their bytes goes
             out.join(STAGED_DIR, PAYLOAD_DIR).delete_tree()
+            out.join(STAGED_DIR, COUNTS_DIR).delete_tree()
             out.join(POOL_DIR).delete_tree()
         return written
 

@@ -22,7 +22,8 @@ from ovpipe.core.shards import Location, list_input_shards, read_manifest_entrie
 from ovpipe.core.stage import OutputConflict, run_stage
 from packing import tokenizer as ptok
 from packing.pack import _order_by_length_then_key, bfd_histogram, fill_plan, lower_bound, pack_lengths, plan_buckets
-from packing.stage import PackStage
+from ovpipe.core.routed import read_routed
+from packing.stage import COUNTS_SCHEMA, STAGED_SCHEMA, PackStage
 
 # ------------------------------------------------------------------ the core
 
@@ -559,9 +560,9 @@ def lengths_input(folder: Path, n: int, shards: int, seed: int = 13) -> None:
 
 
 def test_staged_payloads_and_pools_are_routed_files_of_one_batch_per_destination(tmp_path):
-    """Passes 2 and 3 read one record batch of every staged payload (pool file): each is an Arrow
-    IPC file of exactly B batches (buckets; repair shards for a pool), batch b holding bucket b's
-    rows in input order, so a read's cost does not grow with B (a Parquet footer did)."""
+    """Passes 2 and 3 read one record batch of every staged shard's counts, payload or pool file:
+    each is a routed file of exactly B destinations (buckets; repair shards for a pool), bucket
+    b's rows in input order, so a read's cost does not grow with B (a Parquet footer did)."""
     src = tmp_path / "in"
     lengths_input(src, 4000, 3)
     cfg = load_config(overrides=["pack.buckets=5", "pack.plot=false", "run.executor=\"local\"",
@@ -569,21 +570,24 @@ def test_staged_payloads_and_pools_are_routed_files_of_one_batch_per_destination
     out = tmp_path / "out"
     run_stage(PackStage(), str(src), str(out), cfg, quiet=True)
     payloads = sorted((out / "_staged" / "_payload").iterdir())
-    assert [p.suffix for p in payloads] == [".arrow"] * 3
+    assert [p.suffix for p in payloads] == [".routed"] * 3
     for p in payloads:
-        reader = pa.ipc.open_file(str(p))
-        assert reader.num_record_batches == 5
-        index = pq.read_table(out / "_staged" / "data" / p.name.replace(".arrow", ".parquet"))
+        index = pq.read_table(out / "_staged" / "data" / p.name.replace(".routed", ".parquet"))
+        counts = Location.parse(str(out / "_staged" / "_counts" / p.name))
         for b in range(5):
-            batch = reader.get_batch(b)
+            batch = read_routed([Location.parse(str(p))], b, STAGED_SCHEMA)
             assert set(batch.column("bucket").to_pylist()) <= {b}
-            want = index.filter(pc.equal(index.column("bucket"), b)).column("sample_id").to_pylist()
-            assert batch.column("sample_id").to_pylist() == want  # input order within the bucket
-    pools = sorted((out / "_pool").iterdir())
-    assert len(pools) == 5 and all(pa.ipc.open_file(str(p)).num_record_batches == 5 for p in pools)
-    pooled = sum(pa.ipc.open_file(str(p)).read_all().num_rows for p in pools)
-    stats = json.loads((out / "pack_stats.json").read_text())
-    assert pooled == stats["repair"]["samples"]
+            mine = index.filter(pc.equal(index.column("bucket"), b))
+            assert batch.column("sample_id").to_pylist() == mine.column("sample_id").to_pylist()  # input order
+            c = read_routed([counts], b, COUNTS_SCHEMA)
+            assert dict(zip(c.column("num_tokens").to_pylist(), c.column("samples").to_pylist())) == \
+                Counter(mine.column("num_tokens").to_pylist())
+        with pytest.raises(ValueError, match="has 5 destinations"):
+            read_routed([Location.parse(str(p))], 5, STAGED_SCHEMA)
+    pools = [Location.parse(str(p)) for p in sorted((out / "_pool").iterdir())]
+    assert len(pools) == 5
+    pooled = sum(read_routed(pools, k, STAGED_SCHEMA).num_rows for k in range(5))
+    assert pooled == json.loads((out / "pack_stats.json").read_text())["repair"]["samples"]
 
 
 def test_buckets_are_redone_when_the_staged_input_changes(tmp_path):

@@ -148,13 +148,14 @@ def _tmp_name(final: Location, tmp_dir: Location | None = None) -> Location:
     return Location(final.fs, posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp"))
 
 
-def write_bytes_atomic(dest: Location, data: bytes, tmp_dir: Location | None = None) -> None:
-    """Write a whole file; on a local disk through a temporary name (in tmp_dir, default: beside
-    the file) and a rename."""
+def write_bytes_atomic(dest: Location, data: bytes | list, tmp_dir: Location | None = None) -> None:
+    """Write a whole file (``data``: bytes, or a list of parts written one after the other); on a
+    local disk through a temporary name (in tmp_dir, default: beside the file) and a rename."""
     dest.fs.create_dir(posixpath.dirname(dest.path), recursive=True)
     target = _tmp_name(dest, tmp_dir) if dest.is_local else dest
     with dest.fs.open_output_stream(target.path) as f:
-        f.write(data)
+        for part in data if isinstance(data, list) else [data]:
+            f.write(part)
     if target is not dest:
         dest.fs.move(target.path, dest.path)
 
