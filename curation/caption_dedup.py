@@ -3,7 +3,7 @@ every caption (issue 15). Called by ``curation.caption.CaptionDedupPass.prepare`
 
 Reads:  pass 1's committed shards (``OUT/_captions``): ``sample_id``, ``caption_key``, optional
         ``sample_hash``, and ``caption_minhash`` when near-dedup is on.
-Writes: scratch files under ``OUT/_tmp/caption-dedup/<run>/`` (``ovpipe.core.routed``: Arrow IPC, one
+Writes: scratch files under ``OUT/_tmp/caption-dedup/<run>/`` (``ovpipe.core.routed``: one Arrow
         record batch per destination, so a reducer reads only its own batch of every file), and
         per input shard the loser table (``LOSER_SCHEMA``: row, reason, detail) as
         ``.../losers/<shard index>.parquet``, which the pass copies to ``OUT/_dedup/``.

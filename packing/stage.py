@@ -16,10 +16,11 @@ Reads (one format per input file, detected from its name and columns):
 
 Writes (docs/data-contracts.md), as ``PackStage``, three passes of ovpipe.core.stage.run_stage:
 * ``OUT/_staged/`` (pass ``pack``, ``PackPrepPass``; also the ledger's stage name): per input shard
-  ``data/<shard>.parquet`` (the index: INDEX_COLUMNS), ``_payload/<shard>.arrow`` (the rendered
+  ``data/<shard>.parquet`` (the index: INDEX_COLUMNS), ``_payload/<shard>.routed`` (the rendered
   samples, STAGED_SCHEMA, a routed file (ovpipe.core.routed): one Arrow record batch per bucket =
-  sample_hash mod B; B = pack.buckets, or from the input size), ``_ledger/<shard>.parquet`` (the
-  samples dropped: overlong, bad images, ...);
+  sample_hash mod B; B = pack.buckets, or from the input size), ``_counts/<shard>.routed`` (per
+  bucket, its (length, samples) counts: COUNTS_SCHEMA), ``_ledger/<shard>.parquet`` (the samples
+  dropped: overlong, bad images, ...);
 * ``OUT/_lengths/`` (pass ``pack_lengths``): per bucket, its exact length histogram;
 * ``OUT/data/bucket-XXXXX.parquet`` and ``OUT/data/repair-XXXXX.parquet`` (pass ``pack_buckets``,
   ``PackBucketPass``): one row per pack, PACK_SCHEMA (packing/schema.py), self-contained; the
@@ -27,20 +28,20 @@ Writes (docs/data-contracts.md), as ``PackStage``, three passes of ovpipe.core.s
   their commit records (with counts and histograms) and the stage's ``_summary.json``;
 * ``OUT/pack_stats.json`` (+ ``OUT/pack_stats.png`` with ``pack.plot``), the stage's report:
   counts, lower bound (both terms), the global BFD's pack count, fill, per-source tokens, warnings.
-The intermediate payload (``_staged/_payload/``, ``_pool/``) is removed once the stage has
+The intermediate payload (``_staged/_payload/``, ``_staged/_counts/``, ``_pool/``) is removed once the stage has
 committed, unless ``pack.keep_staged``.
 
 How it runs: pass 1 is one task per input shard (render, measure, fetch images, ledger overlong
-and bad samples, write rows grouped by bucket). Pass 2 is one task per bucket: the ``num_tokens``
-column of that bucket's batch of every staged payload -> a length histogram. Pass 3 plans
+and bad samples, write rows grouped by bucket). Pass 2 is one task per bucket: the sum of that bucket's
+batch of every staged shard's counts -> a length histogram. Pass 3 plans
 once on the driver from those histograms (packing.pack.plan_buckets: ONE best-fit-decreasing
 plan over all samples, its packs handed to the buckets that can form them from their own
 samples), then runs one task per bucket (its packs; the samples its packs do not take go to
-``OUT/_pool/bucket-XXXXX.arrow``, a routed file, one batch per repair shard) and, after every
+``OUT/_pool/bucket-XXXXX.routed``, a routed file, one batch per repair shard) and, after every
 bucket, one task per repair shard (the plan's other packs, from its batch of every pool file).
 These reads are a shuffle: S x B small reads in passes 2 and 3 (S staged shards, B buckets) and
-B x B for the repair shards, each of a cost that does not grow with B (an Arrow IPC footer, not
-a Parquet one: ovpipe.core.routed). So
+B x B for the repair shards, each a few small reads at known offsets whose cost does not grow
+with B (ovpipe.core.routed; a Parquet footer with a row group per bucket did). So
 the pack count is exactly one global BFD's, whatever B and the worker count. Virtual shards are
 stamped with a digest of the staged shards, so they are redone when those change. run_stage
 commits, resumes and checks the accounting (inputs = packed + ledgered; every staged sample is
@@ -791,7 +792,7 @@ class PackBucketPass(Pass):
     """Pass 3: the packs of one global best-fit-decreasing plan, formed in parallel.
 
     Its shards: one per bucket (``bucket-XXXXX``: the plan's packs that bucket can form from its own
-    samples; the rest of its samples go to ``OUT/_pool/bucket-XXXXX.arrow``, one batch per repair
+    samples; the rest of its samples go to ``OUT/_pool/bucket-XXXXX.routed``, one batch per repair
     shard) and then the repair shards (``repair-XXXXX``: the plan's other packs, from their batch
     of every pool file). All land in ``OUT/data/``. The plan is computed once, on the
     driver, from pass 2's histograms (packing.pack.plan_buckets), so the pack count is exactly
