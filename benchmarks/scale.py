@@ -405,25 +405,34 @@ def _step_sizes(text: str) -> tuple[str, tuple[int, int]]:
 
 
 def global_steps(address: str, work: Path, sizes: dict[str, tuple[int, int]], rows_per_shard: int,
-                 saved: Path) -> dict:
-    """Runs the steps in `sizes`; the others come from `saved` (earlier runs), which is rewritten
-    after each step so a failed or cut-short run keeps what it measured."""
+                 saved: Path, repeats: int = 1) -> dict:
+    """Runs the steps in `sizes`, each size `repeats` times interleaved (A, B, A, B, ...); the growth
+    exponent is the median of the paired ratios B/A, the other figures the median-wall run's. The
+    other steps come from `saved` (earlier runs), which is rewritten after each step so a failed
+    or cut-short run keeps what it measured."""
     out = json.loads(saved.read_text()) if saved.exists() else {}
     if not sizes:
         return out
     for step in sizes:  # in the order asked
         make = MAKERS[step]
-        runs = []
-        for n in sizes[step]:
-            src = make(work, n, max(1, n // rows_per_shard))
-            r = run_step(step, address, src, work / "out" / step, n)
-            r["rows"] = n
-            runs.append(r)
-            print(f"[scale] {step} {n:,}: {r}", file=sys.stderr, flush=True)
-        (a, b) = runs
+        runs, pairs = [], []
+        for _ in range(repeats):
+            pair = []
+            for n in sizes[step]:
+                src = make(work, n, max(1, n // rows_per_shard))
+                r = run_step(step, address, src, work / "out" / step, n)
+                r["rows"] = n
+                pair.append(r)
+                print(f"[scale] {step} {n:,}: {r}", file=sys.stderr, flush=True)
+            pairs.append(pair)
+            runs.extend(pair)
+        exponents = sorted(math.log(b["wall_s"] / a["wall_s"]) / math.log(b["rows"] / a["rows"]) for a, b in pairs)
+        a, b = (sorted((p[i] for p in pairs), key=lambda r: r["wall_s"])[(repeats - 1) // 2] for i in (0, 1))
         out[step] = {
             "runs": runs,
-            "growth_exponent": math.log(b["wall_s"] / a["wall_s"]) / math.log(b["rows"] / a["rows"]),
+            "growth_exponent": exponents[(repeats - 1) // 2],  # the median pair's (the lower of two middles)
+            "growth_exponents": exponents,
+            "median_runs": [a, b],
             "driver_peak_rss_growth_mb": b["peak_rss_mb"] - a["peak_rss_mb"],
             # what the driver holds per sample: its RSS growth between the sizes over the added rows
             "driver_bytes_per_sample": max(0.0, (b["peak_rss_mb"] - a["peak_rss_mb"]) * 2**20 / (b["rows"] - a["rows"])),
@@ -479,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 embed = embed_driver_costs(address, work, base, n1, n2, s1, s2, args.repeats)
                 partial.write_text(json.dumps(embed))
-            steps = global_steps(address, work, {} if args.embed_only else sizes, 50_000, saved_steps)
+            steps = global_steps(address, work, {} if args.embed_only else sizes, 50_000, saved_steps,
+                                 args.repeats)
     new, old = embed["new"], embed.get("baseline")
     result = {
         "benchmark": "scale",
@@ -493,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": None if old is None else {k: round(v, 2) for k, v in old.items() if isinstance(v, (int, float))},
         "embed_runs": {name: figures["runs"] for name, figures in embed.items()},
         "global_steps": steps,
-        "global_step_sizes": {k: [r["rows"] for r in v["runs"]] for k, v in steps.items()},
+        "global_step_sizes": {k: sorted({r["rows"] for r in v["runs"]}) for k, v in steps.items()},
         "global_step_note": "balance and pack at 85M, ingest dedup and caption dedup at 40M (their 85M runs would "
                             "not finish in a session on this 2-core machine; docs/architecture.md extrapolates). "
                             "Steps run at different times on a shared machine (balance at 40M overlapped a CI "

@@ -671,9 +671,9 @@ def _nested_offsets(col: pa.ChunkedArray, offsets: np.ndarray) -> tuple[pa.Array
     return arr.flatten(), inner[offsets]
 
 
-def build_packs(samples: pa.Table, order: np.ndarray, offsets: np.ndarray, shard: str, seed: int) -> pa.Table:
-    """Pack rows (PACK_SCHEMA) from samples in pack order; packs sorted by pack_id."""
-    t = samples.take(order)
+def build_packs(t: pa.Table, offsets: np.ndarray, shard: str, seed: int) -> pa.Table:
+    """Pack rows (PACK_SCHEMA) from samples in pack order (pack p: rows offsets[p]:offsets[p+1]);
+    packs sorted by pack_id."""
     n_packs = len(offsets) - 1
     ids = t.column("sample_id").to_pylist()
     pack_ids = [xxhash.xxh3_64_hexdigest((f"{shard}:{seed}:" + "\n".join(ids[offsets[p]:offsets[p + 1]])).encode())
@@ -854,8 +854,8 @@ class PackBucketPass(Pass):
             self._write_pool(task, samples, pool, cfg.pack.max_len)
         elif len(pool):
             raise AssertionError(f"{task.shard}: {len(pool)} pooled samples have no slot (a bug)")
-        table = build_packs(samples, res.order, res.offsets, task.shard, cfg.run.seed)
         packed = samples.take(res.order)
+        table = build_packs(packed, res.offsets, task.shard, cfg.run.seed)
         stats = self._stats(task, packed, res, len(pool), cfg.pack.max_len)
         # Every sample read is in exactly one pack or (buckets) passed on to a repair shard, which
         # counts it as its input: the table's rows are packs, not samples.
@@ -879,9 +879,11 @@ class PackBucketPass(Pass):
         run_start = np.flatnonzero(np.r_[True, lens[1:] != lens[:-1]]) if len(lens) else np.zeros(0, np.int64)
         rank = np.arange(len(lens)) - np.repeat(run_start, np.diff(np.r_[run_start, len(lens)]))
         number = self.plan.pooled_before(task.index, lens) + rank
-        pooled = samples.take(pool)
-        write_routed(task.output_root.join(POOL_DIR, f"{task.shard}{ROUTED}"), pooled,
-                     self.repair.dest(lens, number), self.repair.shards, _compression(pooled))
+        dest = self.repair.dest(lens, number)
+        by_dest = np.argsort(dest, kind="stable")  # so that write_routed need not reorder the rows
+        pooled = samples.take(pool[by_dest])
+        write_routed(task.output_root.join(POOL_DIR, f"{task.shard}{ROUTED}"), pooled, dest[by_dest],
+                     self.repair.shards, _compression(pooled))
 
     def _stats(self, task: ShardTask, packed: pa.Table, res: PackResult, pooled: int, max_len: int) -> dict:
         lens = np.asarray(packed.column("num_tokens"), dtype=np.int64)
