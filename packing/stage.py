@@ -28,12 +28,12 @@ Writes (docs/data-contracts.md), as ``PackStage``, three passes of ovpipe.core.s
   their commit records (with counts and histograms) and the stage's ``_summary.json``;
 * ``OUT/pack_stats.json`` (+ ``OUT/pack_stats.png`` with ``pack.plot``), the stage's report:
   counts, lower bound (both terms), the global BFD's pack count, fill, per-source tokens, warnings.
-The intermediate payload (``_staged/_payload/``, ``_staged/_counts/``, ``_pool/``) is removed once the stage has
-committed, unless ``pack.keep_staged``.
+The intermediate payload (``_staged/_payload/``, ``_staged/_counts/``, ``_pool/``) is removed
+once the stage has committed, unless ``pack.keep_staged``.
 
 How it runs: pass 1 is one task per input shard (render, measure, fetch images, ledger overlong
-and bad samples, write rows grouped by bucket). Pass 2 is one task per bucket: the sum of that bucket's
-batch of every staged shard's counts -> a length histogram. Pass 3 plans
+and bad samples, write rows grouped by bucket). Pass 2 is one task per bucket: the sum of that
+bucket's batch of every staged shard's counts -> a length histogram. Pass 3 plans
 once on the driver from those histograms (packing.pack.plan_buckets: ONE best-fit-decreasing
 plan over all samples, its packs handed to the buckets that can form them from their own
 samples), then runs one task per bucket (its packs; the samples its packs do not take go to
