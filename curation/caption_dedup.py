@@ -105,7 +105,7 @@ def exact_map(job: dict, i: int, shard: Location) -> tuple[int, str]:
     key = t.column("caption_key").to_numpy()
     table = pa.table([key, _sample_hashes(t), np.full(n, i, np.int32), np.arange(n, dtype=np.int32),
                       t.column("sample_id")], schema=EXACT)
-    return i, write_routed(job["dir"].join("exact", f"{i}.arrow"), table, (key % job["P"]).astype(np.int64), job["P"])
+    return i, write_routed(job["dir"].join("exact", f"{i}.routed"), table, (key % job["P"]).astype(np.int64), job["P"])
 
 
 def exact_reduce(job: dict, p: int, files: list[str]) -> tuple[int, str]:
@@ -115,7 +115,7 @@ def exact_reduce(job: dict, p: int, files: list[str]) -> tuple[int, str]:
                        if job["exact"] and len(t) else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
     ids = t.column("sample_id").take(pa.array(winners))
     out = pa.table([cols["row"][losers], ids], schema=LOST)
-    return p, write_routed(job["dir"].join("lost", f"{p}.arrow"), out, cols["shard"][losers].astype(np.int64), job["S"])
+    return p, write_routed(job["dir"].join("lost", f"{p}.routed"), out, cols["shard"][losers].astype(np.int64), job["S"])
 
 
 def band_map(job: dict, i: int, shard: Location, lost_files: list[str]) -> tuple[int, str | None, int]:
@@ -134,7 +134,7 @@ def band_map(job: dict, i: int, shard: Location, lost_files: list[str]) -> tuple
                       np.repeat(_sample_hashes(t)[rows], b), np.full(len(rows) * b, i, np.int32),
                       np.repeat(rows, b)], schema=BAND)
     route = (bands.reshape(-1) % job["P"]).astype(np.int64)
-    return i, write_routed(job["dir"].join("band", f"{i}.arrow"), table, route, job["P"]), len(rows)
+    return i, write_routed(job["dir"].join("band", f"{i}.routed"), table, route, job["P"]), len(rows)
 
 
 def band_reduce(job: dict, p: int, files: list[str]) -> tuple[int, str]:
@@ -147,7 +147,7 @@ def band_reduce(job: dict, p: int, files: list[str]) -> tuple[int, str]:
         members = heads = np.zeros(0, np.int64)
     pairs = pa.table([c["shard"][members], c["row"][members], c["hash"][heads], c["shard"][heads],
                       c["row"][heads]], schema=PAIR)
-    return p, write_routed(job["dir"].join("pair", f"{p}.arrow"), pairs, c["shard"][heads].astype(np.int64), job["S"])
+    return p, write_routed(job["dir"].join("pair", f"{p}.routed"), pairs, c["shard"][heads].astype(np.int64), job["S"])
 
 
 def leader_map(job: dict, i: int, shard: Location, pair_files: list[str]) -> tuple[int, str]:
@@ -158,7 +158,7 @@ def leader_map(job: dict, i: int, shard: Location, pair_files: list[str]) -> tup
     take = pa.array(l_rows.astype(np.int64))
     out = pa.table([pairs.column("m_row"), pairs.column("l_hash"), pairs.column("l_shard"), pairs.column("l_row"),
                     t.column("sample_id").take(take), t.column("caption_minhash").take(take)], schema=LEAD)
-    return i, write_routed(job["dir"].join("lead", f"{i}.arrow"), out,
+    return i, write_routed(job["dir"].join("lead", f"{i}.routed"), out,
                             pairs.column("m_shard").to_numpy().astype(np.int64), job["S"])
 
 

@@ -537,13 +537,14 @@ class PackPrepPass(Pass):
         # Grouped by bucket (stable: input order within a bucket), one batch per bucket; and
         # each bucket's length counts, all that pass 2 reads.
         buckets = np.asarray(table.column("bucket"))
+        order = np.argsort(buckets, kind="stable")  # sorted once: write_routed keeps grouped rows as they are
+        table, buckets = table.take(order), buckets[order]
         write_routed(task.output_root.join(PAYLOAD_DIR, f"{task.shard}{ROUTED}"), table, buckets, self.buckets,
                      _compression(table))
         counts = _length_counts(buckets, np.asarray(table.column("num_tokens")))
         write_routed(task.output_root.join(COUNTS_DIR, f"{task.shard}{ROUTED}"), counts,
                      np.asarray(counts.column("bucket")), self.buckets, compression=None)
-        index = table.select(INDEX_COLUMNS).take(np.argsort(buckets, kind="stable"))
-        return ShardOutput(index, ledger, n_in, stats={"buckets": self.buckets})
+        return ShardOutput(table.select(INDEX_COLUMNS), ledger, n_in, stats={"buckets": self.buckets})
 
     @staticmethod
     def _sample(rec: dict, cfg, tok: ptok.Tokenizer) -> dict:
@@ -736,9 +737,9 @@ def _staged_buckets(ctx: PassContext) -> int:
     return max(e["buckets"] for e in ctx.done[PackPrepPass.name].entries.values())
 
 
-def _payloads(ctx: PassContext, folder: str = PAYLOAD_DIR) -> list[Location]:
-    """Every staged payload (``COUNTS_DIR``: length counts), by shard name (the same order
-    whatever the worker count)."""
+def _staged_files(ctx: PassContext, folder: str) -> list[Location]:
+    """Every staged shard's routed file in ``folder`` (PAYLOAD_DIR: samples, COUNTS_DIR: length
+    counts), by shard name (the same order whatever the worker count)."""
     staged = ctx.done[PackPrepPass.name]
     return [staged.output.join(folder, f"{s}{ROUTED}") for s in sorted(staged.entries)]
 
@@ -761,7 +762,7 @@ class PackLengthsPass(Pass):
         return [Shard(bucket_name(b), None, stamp, b) for b in range(_staged_buckets(ctx))]
 
     def prepare(self, ctx: PassContext, shards: list[Shard]) -> dict[str, Any]:
-        self.counts = _payloads(ctx, COUNTS_DIR)
+        self.counts = _staged_files(ctx, COUNTS_DIR)
         return {}
 
     def process(self, task: ShardTask) -> ShardOutput:
@@ -814,7 +815,7 @@ class PackBucketPass(Pass):
     def list_shards(self, ctx: PassContext) -> list[Shard]:
         p = ctx.cfg.pack
         buckets = _staged_buckets(ctx)
-        self.payloads = _payloads(ctx)
+        self.payloads = _staged_files(ctx, PAYLOAD_DIR)
         hists = read_histograms(ctx, buckets, p.max_len)
         self.plan = plan_buckets(hists, p.max_len, p.max_samples_per_pack or None)
         del hists

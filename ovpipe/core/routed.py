@@ -36,8 +36,8 @@ def write_routed(dest: Location, table: pa.Table, route: np.ndarray, n: int, com
     """Rows of ``table`` grouped by ``route`` (ints in 0..n-1; stable: input order within a
     destination) into n destinations; written whole (through a temporary name on a local disk).
     ``compression`` (per buffer): None for small rows of ids and integers, where it costs more
-    time than it saves (0.46 vs 0.06 ms a read of a 400-row batch of pack's staged lengths). Returns ``dest.path``, the name in ``dest.fs`` (a
-    URI would not open on an object store's)."""
+    time than it saves (0.46 vs 0.06 ms a read of a 400-row batch of pack's staged lengths).
+    Returns ``dest.path``, the name in ``dest.fs`` (a URI would not open on an object store's)."""
     route = np.asarray(route, dtype=np.int64)
     if len(route) and (route.min() < 0 or route.max() >= n):
         raise ValueError(f"{dest.uri()}: routes must lie in 0..{n - 1} (got {route.min()}..{route.max()})")
